@@ -1,0 +1,93 @@
+"""Tiny FEALLM trained from scratch on the synthetic FEA set: the CPU default (`make quickstart`).
+
+Local Clue Aggregator and Multi-perspective Projector on; the LLM and vision tower are small and
+train fully (there is no pretrained checkpoint to freeze). Override anything from the command
+line, e.g. ``--config.optim.lr_proj=1e-3`` or ``--config.model.local_clues=False``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "tiny_synthetic"
+  c.seed = 0
+
+  # Mesh: sizes may be -1 (= the remaining devices).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Multi-process launches (TPU pods, multi-host GPU) set this to call jax.distributed.initialize().
+  c.distributed = False
+
+  m = c.model = ml_collections.ConfigDict()
+  # Vision tower (CLIP ViT architecture). hf_path='' = random init from these dims.
+  m.vision = ml_collections.ConfigDict(dict(
+      hf_path="", image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,
+      num_layers=4, num_heads=4, layer_norm_eps=1e-5, hidden_act="quick_gelu"))
+  # Decoder LM (LLaMA / Qwen2 architecture). vocab_size=0 = take it from the tokenizer.
+  m.llm = ml_collections.ConfigDict(dict(
+      hf_path="", model_type="llama", vocab_size=0, hidden_size=256, intermediate_size=688,
+      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, rope_theta=10000.0,
+      rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=1024))
+  # Orbax checkpoint written by launch/import_hf.py ('' = none; backbones start random).
+  m.base_checkpoint = ""
+  # FEALLM heads.
+  m.feature_layer = -2                 # F_L: hidden state index (HF hidden_states order)
+  m.multi_layers = (1, 2, 3)           # F_s: hidden states concatenated along tokens
+  m.local_clues = True                 # Local Clue Aggregator on/off
+  m.projector = "multi_perspective"    # or "mlp" (LLaVA-1.5 two-layer MLP on F_L)
+  m.projector_heads = 4
+  m.lca = ml_collections.ConfigDict(dict(
+      num_regions=16, crop_size=32, depth=3, width=64, norm="group", shared=True, num_heads=4))
+  # Freeze policy: 'lora' (frozen base + adapters), 'full' (train every LLM weight), 'frozen'.
+  m.train_llm = "full"
+  m.train_vision = True
+  m.lora = ml_collections.ConfigDict(dict(
+      rank=8, alpha=16.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down")))
+  # Precision: trainable weights in param_dtype; frozen backbone weights in frozen_dtype.
+  m.param_dtype = "float32"
+  m.frozen_dtype = "float32"
+  m.compute_dtype = "float32"
+  m.remat = False
+
+  d = c.data = ml_collections.ConfigDict()
+  d.dataset = "synthetic_fea"
+  d.builder_config = "default"
+  d.data_dir = "runs/data"
+  d.manual_dir = ""
+  d.tokenizer = ""          # '' = the tiny tokenizer shipped in feallm_jax/assets
+  d.max_len = 128
+  d.batch_size = 32         # global batch
+  d.eval_batch_size = 64
+  d.tasks = ("fer", "aur", "joint", "reasoning")
+  d.augment = True
+  d.num_workers = 0         # >0 uses Grain mp_prefetch
+  d.regions = "canonical"   # 'canonical' boxes on aligned faces, or 'landmarks'
+
+  o = c.optim = ml_collections.ConfigDict()
+  o.lr_lora = 1e-4          # LoRA adapters (and the LLM/vision when trained fully)
+  o.lr_proj = 2e-5          # projector and Local Clue Aggregator
+  o.lr_base = 1e-4          # fully trained backbone weights
+  o.warmup_frac = 0.03
+  o.schedule = "cosine"
+  o.weight_decay = 0.0
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.grad_clip = 1.0
+  o.accum_steps = 1
+
+  t = c.train = ml_collections.ConfigDict()
+  t.num_steps = 600
+  t.log_every = 10
+  t.save_every = 200
+  t.keep = 2
+  t.eval_every = 0          # 0 = only at the end
+  t.max_bad_steps = 5       # consecutive non-finite steps before the run stops
+
+  e = c.eval = ml_collections.ConfigDict()
+  e.suites = ("synthetic_fea",)
+  e.mode = "generate"       # or "score"
+  e.max_new_tokens = 48
+  e.batch_size = 64
+  e.num_samples = 0         # 0 = the whole split
+  return c

@@ -1,0 +1,129 @@
+"""Building blocks shared by every tower: typed parameters, Dense with an optional LoRA
+adapter, norms, and one attention function.
+
+Freezing is by variable *type* (DESIGN convention 6): weights that come from a pretrained
+checkpoint are ``BaseParam``; adapters are ``nnx.LoRAParam``; new FEALLM weights (Local Clue
+Aggregator, projector) are plain ``nnx.Param``. Filters over these types decide what trains,
+so gradients and optimizer state exist only for trainable weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from feallm_jax.models import lora as lora_lib
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+
+class BaseParam(nnx.Param):
+  """A pretrained backbone weight (vision encoder, LLM). Frozen unless its tower is unfrozen."""
+
+
+def param(param_type: type[nnx.Variable], init: Callable, key: jax.Array, shape: Sequence[int],
+          dtype: Dtype, axes: Axes) -> nnx.Variable:
+  """Creates a variable with logical-axis sharding metadata (sharded at creation under a mesh)."""
+  return param_type(init(key, tuple(shape), dtype), out_sharding=tuple(axes))
+
+
+class Dense(nnx.Module):
+  """``y = x @ W (+ b) (+ LoRA(x))`` with a 2-D ``[in, out]`` kernel and logical axes."""
+
+  def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
+               use_bias: bool = False, param_type: type[nnx.Variable] = nnx.Param,
+               lora: lora_lib.LoRAConfig | None = None,
+               kernel_init: Callable = nnx.initializers.lecun_normal(),
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.in_features, self.out_features = in_features, out_features
+    self.dtype = dtype
+    self.kernel = param(param_type, kernel_init, rngs.params(), (in_features, out_features),
+                        param_dtype, axes)
+    self.bias = (param(param_type, nnx.initializers.zeros_init(), rngs.params(), (out_features,),
+                       param_dtype, (axes[1],)) if use_bias else None)
+    self.lora = (lora_lib.LoRA(in_features, out_features, lora, axes=axes, rngs=rngs)
+                 if lora is not None else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      y = y + self.lora(x).astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 (CLIP's pre-LN blocks)."""
+
+  def __init__(self, features: int, *, eps: float = 1e-5, param_type: type[nnx.Variable] = nnx.Param,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    del rngs
+    self.eps, self.dtype = eps, dtype
+    self.scale = param_type(jnp.ones((features,), param_dtype), out_sharding=("norm",))
+    self.bias = param_type(jnp.zeros((features,), param_dtype), out_sharding=("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32, then cast (LLaMA / Qwen2)."""
+
+  def __init__(self, features: int, *, eps: float = 1e-6, param_type: type[nnx.Variable] = nnx.Param,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    del rngs
+    self.eps, self.dtype = eps, dtype
+    self.scale = param_type(jnp.ones((features,), param_dtype), out_sharding=("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+              return_weights: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Scaled dot-product attention with grouped-query support.
+
+  Args:
+    q: ``[B, T, H, D]``; k, v: ``[B, S, Hkv, D]`` with ``H % Hkv == 0``.
+    mask: boolean, broadcastable to ``[B, H, T, S]``; True = may attend.
+    return_weights: also return the ``[B, H, T, S]`` softmax weights (interpretability).
+  Softmax runs in float32. Without weights this is ``jax.nn.dot_product_attention`` (cuDNN
+  flash attention on GPU when shapes allow).
+  """
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  if h % hkv:
+    raise ValueError(f"attention: {h} query heads are not a multiple of {hkv} kv heads")
+  if not return_weights:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  groups = h // hkv
+  qg = q.reshape(b, t, hkv, groups, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  logits = logits * (d ** -0.5)
+  if mask is not None:
+    m = jnp.broadcast_to(mask, (b, h, t, k.shape[1])).reshape(b, hkv, groups, t, k.shape[1])
+    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v).reshape(b, t, h, d)
+  return out, weights.reshape(b, h, t, k.shape[1])
+
+
+def causal_mask(q_len: int, kv_len: int, offset: int | jax.Array = 0) -> jax.Array:
+  """``[1, 1, q_len, kv_len]``: query i (at absolute position offset+i) sees keys <= it."""
+  q_pos = jnp.arange(q_len)[:, None] + offset
+  k_pos = jnp.arange(kv_len)[None, :]
+  return (k_pos <= q_pos)[None, None]

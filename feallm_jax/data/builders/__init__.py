@@ -1,0 +1,99 @@
+"""tfds builders for FEALLM data; every one yields the records of docs/interfaces.md.
+
+`build()` is what launch/build_dataset.py and the tests call: it prepares one dataset as
+ArrayRecord and returns a summary (examples per split, skipped examples by reason).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import time
+from typing import Any
+
+# name -> (module, class); imported lazily so one dataset's dependencies never block another.
+BUILDERS: dict[str, tuple[str, str]] = {
+    "synthetic_fea": ("synthetic_fea", "SyntheticFea"),
+    "raf_db": ("raf_db", "RafDb"),
+    "affectnet": ("affectnet", "Affectnet"),
+    "bp4d": ("bp4d", "Bp4d"),
+    "disfa": ("disfa", "Disfa"),
+    "llava_instruct": ("llava_instruct", "LlavaInstruct"),
+}
+
+
+def builder_class(name: str):
+  if name not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
+  mod, cls = BUILDERS[name]
+  return getattr(importlib.import_module(f"{__name__}.{mod}"), cls)
+
+
+def register_all() -> None:
+  """Import every builder so tfds.builder(name) / tfds.data_source(name) find them."""
+  for name in BUILDERS:
+    builder_class(name)
+
+
+def make_builder(name: str, data_dir: str, *, config: str | None = None,
+                 overrides: dict[str, Any] | None = None,
+                 **kwargs):
+  """A builder; `overrides` replace fields of the named config (e.g. num_train=1000)."""
+  cls = builder_class(name)
+  cfg = None
+  if getattr(cls, "BUILDER_CONFIGS", None):
+    by_name = {c.name: c for c in cls.BUILDER_CONFIGS}
+    cfg_name = config or cls.BUILDER_CONFIGS[0].name
+    if cfg_name not in by_name:
+      raise ValueError(f"{name}: unknown config {cfg_name!r}; known: {sorted(by_name)}")
+    cfg = by_name[cfg_name]
+    if overrides:
+      fields = {f.name for f in dataclasses.fields(cfg)}
+      unknown = set(overrides) - fields
+      if unknown:
+        raise ValueError(f"{name}/{cfg_name}: no config fields {sorted(unknown)}")
+      cfg = dataclasses.replace(cfg, **overrides)
+  elif config:
+    raise ValueError(f"{name} has no builder configs (got config={config!r})")
+  elif overrides:
+    raise ValueError(f"{name} has no config fields to override ({sorted(overrides)})")
+  return cls(data_dir=data_dir, config=cfg, **kwargs)
+
+
+def build(name: str, data_dir: str, *, config: str | None = None, manual_dir: str | None = None,
+          overrides: dict[str, Any] | None = None, overwrite: bool = False,
+          **kwargs) -> dict[str, Any]:
+  """Prepare one dataset; returns {name, config, path, splits: {split: n}, skipped, seconds}.
+
+  The skip report (counts by reason and the first skipped ids) is also written next to the
+  data as skipped.json, so a later reader can see what the build left out.
+  """
+  import tensorflow_datasets as tfds
+  if manual_dir:
+    manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
+  b = make_builder(name, data_dir, config=config, overrides=overrides,
+                   **kwargs)
+  dl = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  t0 = time.time()
+  if overwrite and os.path.isdir(b.data_dir):
+    import shutil
+    shutil.rmtree(b.data_dir)
+    b = make_builder(name, data_dir, config=config, overrides=overrides,
+                     **kwargs)
+  existed = os.path.isdir(b.data_dir)
+  b.download_and_prepare(download_config=dl)
+  secs = time.time() - t0
+  report_path = os.path.join(b.data_dir, "skipped.json")
+  if not existed:
+    with open(report_path, "w") as f:
+      f.write(b.skips.to_json())
+  elif os.path.exists(report_path):
+    with open(report_path) as f:
+      old = json.load(f)
+    b.skips.counts.update({(s, r): n for s, d in old["counts"].items() for r, n in d.items()})
+  return dict(
+      name=name, config=b.builder_config.name if b.builder_config else None,
+      path=b.data_dir, reused=existed,
+      splits={s: int(info.num_examples) for s, info in b.info.splits.items()},
+      skipped=b.skips.by_reason(), skipped_total=b.skips.total(), seconds=round(secs, 2))

@@ -1,0 +1,87 @@
+"""RAF-DB basic set (Li, Deng & Du, CVPR 2017): 7 basic emotions, official train/test split."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import tensorflow_datasets as tfds
+
+from feallm_jax.data import facs
+from feallm_jax.data.builders import common
+
+
+@dataclasses.dataclass
+class RafDbConfig(tfds.core.BuilderConfig):
+  aligned: bool = True   # Image/aligned (100x100 aligned faces) or Image/original + face detection
+
+
+class RafDb(common.FeaBuilder):
+  """RAF-DB basic: labels 1-7 (Surprise, Fear, Disgust, Happiness, Sadness, Anger, Neutral)."""
+
+  name = "raf_db"
+  BUILDER_CONFIGS = [
+      RafDbConfig(name="aligned", description="official aligned 100x100 faces"),
+      RafDbConfig(name="original", aligned=False,
+                  description="original photos, face detected and cropped at build time"),
+  ]
+  DESCRIPTION = "RAF-DB basic emotion set (7 classes)."
+  HOMEPAGE = "http://www.whdeng.cn/RAF/model1.html"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+Request RAF-DB from http://www.whdeng.cn/RAF/model1.html and place the basic set in manual_dir:
+  manual_dir/EmoLabel/list_patition_label.txt   lines 'train_00001.jpg 5' (labels 1-7)
+  manual_dir/Image/aligned/train_00001_aligned.jpg ...   (config 'aligned', default)
+  manual_dir/Image/original/train_00001.jpg ...          (config 'original')
+"""
+
+  def _split_generators(self, dl_manager):
+    root = dl_manager.manual_dir
+    label_file = self._require(os.path.join(root, "EmoLabel", "list_patition_label.txt"),
+                               "the label list")
+    sub = "aligned" if self.builder_config.aligned else "original"
+    img_dir = self._require(os.path.join(root, "Image", sub), f"the {sub} image folder")
+    rows = parse_labels(label_file)
+    return {
+        split: self._examples(split, [r for r in rows if r[0].startswith(split + "_")], img_dir)
+        for split in ("train", "test")
+    }
+
+  def _examples(self, split, rows, img_dir):
+    aligned = self.builder_config.aligned
+
+    def make(row):
+      name, label = row
+      stem = os.path.splitext(name)[0]
+      path = common.find_image(img_dir, stem + "_aligned" if aligned else stem)
+      if path is None:
+        raise common.SkipImage(f"{stem}: image file missing in {img_dir}")
+      image, _ = common.load_face(path, stem, detect=not aligned)
+      emo = facs.dataset_label_to_index("raf_db", label, one_based=True)
+      return common.make_record(stem, image, emotion=emo)
+
+    return self._guarded(split, ((os.path.splitext(r[0])[0], r) for r in rows), make)
+
+
+def parse_labels(path: str) -> list[tuple[str, int]]:
+  """[(image name, 1-based label)]; any malformed line stops the build naming file and line."""
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for ln, line in enumerate(f, 1):
+      line = line.strip()
+      if not line:
+        continue
+      parts = line.split()
+      if len(parts) != 2:
+        raise common.LabelFileError(path, ln, f"expected '<image> <label>', got {line!r}")
+      name, lab = parts
+      if not (name.startswith("train_") or name.startswith("test_")):
+        raise common.LabelFileError(path, ln, f"image name {name!r} is not train_*/test_*")
+      try:
+        label = int(lab)
+      except ValueError:
+        raise common.LabelFileError(path, ln, f"label {lab!r} is not an integer") from None
+      if not 1 <= label <= len(facs.RAF_DB):
+        raise common.LabelFileError(path, ln, f"label {label} outside 1..{len(facs.RAF_DB)}")
+      rows.append((name, label))
+  if not rows:
+    raise common.LabelFileError(path, None, "no labels")
+  return rows

@@ -39,8 +39,11 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # FEALLM heads (small; replicated except their widest axis).
     ("proj_embed", None),
     ("proj_mlp", "tensor"),
+    ("proj_heads", "tensor"),  # flattened projector attention heads
     ("lca_conv", None),
     ("lca_embed", None),
+    ("lca_heads", None),       # flattened LCA attention heads
+    ("lca_flat", None),        # regions * width, flattened into the F_local linear
     ("regions", None),
     # Adapters and norms.
     ("lora_rank", None),

@@ -1,0 +1,337 @@
+"""Decoder-only LM in the LLaMA / Qwen2 family: RMSNorm, RoPE, GQA, SwiGLU, KV cache.
+
+One module covers both families: Qwen2 differs only by q/k/v biases (and checkpoints usually
+tie or untie the embeddings). Every backbone weight is a ``layers.BaseParam`` with logical axes;
+the seven projections can carry LoRA adapters (``nnx.LoRAParam``) through ``layers.Dense``.
+
+Attention masks are built from an explicit key-validity mask plus causality *by slot*, so the
+same code serves training (right padding), prompts (left padding, positions = cumsum - 1) and
+incremental decoding from a fixed-size cache (static shapes under jit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from feallm_jax.models import layers
+from feallm_jax.models import lora as lora_lib
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  # Hashable (key, value) pairs (nnx keeps module attributes in the static graph definition);
+  # a dict is accepted and converted.
+  rope_scaling: Any = None
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False       # bias on q, k, v (Qwen2: always)
+  o_bias: bool = False               # bias on o (LLaMA with attention_bias=True)
+  max_position_embeddings: int = 4096
+  model_type: str = "llama"
+
+  def __post_init__(self):
+    if self.model_type not in SUPPORTED_MODEL_TYPES:
+      raise ValueError(f"llm.model_type {self.model_type!r} is not supported; "
+                       f"choose from {SUPPORTED_MODEL_TYPES}")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"llm.{name} must be positive, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"llm.num_heads {self.num_heads} is not a multiple of "
+                       f"llm.num_kv_heads {self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"llm.head_dim must be even for RoPE, got {self.head_dim}")
+    scaling = self.rope_scaling
+    if isinstance(scaling, Mapping):
+      scaling = tuple(sorted((str(k), v) for k, v in scaling.items()))
+      object.__setattr__(self, "rope_scaling", scaling)
+    if scaling is not None:
+      kind = self.rope_type
+      if kind not in _ROPE_TYPES:
+        raise ValueError(f"llm.rope_scaling: rope type {kind!r} is not supported; "
+                         f"choose from {_ROPE_TYPES}")
+      needed = {"linear": ("factor",), "llama3": (
+          "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+      missing = [k for k in needed.get(kind, ()) if k not in dict(scaling)]
+      if missing:
+        raise ValueError(f"llm.rope_scaling ({kind}) lacks field(s) {missing}")
+
+  @property
+  def rope_type(self) -> str:
+    if self.rope_scaling is None:
+      return "default"
+    d = dict(self.rope_scaling)
+    return str(d.get("rope_type", d.get("type", "default")))
+
+  @classmethod
+  def from_hf(cls, hf: Mapping[str, Any]) -> "LLMConfig":
+    """From a HF ``config.json`` dict (transformers 4.x ``rope_scaling`` or 5.x ``rope_parameters``)."""
+    hf = dict(hf)
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      raise ValueError(f"config.json: model_type {model_type!r} is not supported; "
+                       f"choose from {SUPPORTED_MODEL_TYPES}")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+      raise ValueError(f"config.json: lacks field(s) {missing}")
+    if hf.get("hidden_act", "silu") != "silu":
+      raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+    if hf.get("mlp_bias", False):
+      raise ValueError("config.json: mlp_bias=True is not supported")
+    if hf.get("use_sliding_window", False):
+      raise ValueError("config.json: use_sliding_window=True is not supported")
+    heads = int(hf["num_attention_heads"])
+    params = dict(hf.get("rope_parameters") or {})
+    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = hf.get("rope_scaling") or params or None
+    if scaling is not None:
+      scaling = {k: v for k, v in dict(scaling).items() if k != "rope_theta"}
+      kind = scaling.get("rope_type", scaling.get("type", "default"))
+      if kind == "default" and set(scaling) <= {"rope_type", "type"}:
+        scaling = None
+    bias = bool(hf.get("attention_bias", False))
+    return cls(
+        vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
+        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=True if model_type == "qwen2" else bias,
+        o_bias=bias if model_type == "llama" else False,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        model_type=model_type)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "LLMConfig":
+    """From a config section (``config.model.llm``); ignores keys such as ``hf_path``."""
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in d.items() if k in names}
+    if kw.get("model_type") == "qwen2":
+      kw.setdefault("attention_bias", True)
+    if kw.get("rope_scaling") is not None and not isinstance(kw["rope_scaling"], (tuple, Mapping)):
+      kw["rope_scaling"] = dict(kw["rope_scaling"])   # ConfigDict
+    return cls(**kw)
+
+
+def rope_inv_freq(cfg: LLMConfig) -> np.ndarray:
+  """Inverse frequencies ``[head_dim/2]``, with HF's ``linear`` / ``llama3`` rescaling."""
+  dim = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  kind, s = cfg.rope_type, dict(cfg.rope_scaling or ())
+  if kind == "linear":
+    inv = inv / float(s["factor"])
+  elif kind == "llama3":
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old = float(s["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old / low, old / high
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """HF ``rotate_half`` convention; ``x [B,T,H,D]``, ``cos/sin [B,T,D/2]`` float32."""
+  half = x.shape[-1] // 2
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  c, s = cos[:, :, None, :], sin[:, :, None, :]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+@struct.dataclass
+class KVCache:
+  """Per-layer ``k, v [B, S, Hkv, Dh]`` and the next write slot ``index`` (int32 scalar)."""
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  index: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.k[0].shape[1]
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: LLMConfig, *, lora: lora_lib.LoRAConfig | None, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    d, h, hkv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, dh
+    kw = dict(param_type=layers.BaseParam, kernel_init=nnx.initializers.normal(0.02),
+              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    t = (lambda name: lora.for_target(name)) if lora is not None else (lambda name: None)
+    b = cfg.attention_bias
+    self.q = layers.Dense(d, h * dh, axes=("embed", "heads"), use_bias=b, lora=t("q"), **kw)
+    self.k = layers.Dense(d, hkv * dh, axes=("embed", "kv_heads"), use_bias=b, lora=t("k"), **kw)
+    self.v = layers.Dense(d, hkv * dh, axes=("embed", "kv_heads"), use_bias=b, lora=t("v"), **kw)
+    self.o = layers.Dense(h * dh, d, axes=("heads", "embed"), use_bias=cfg.o_bias, lora=t("o"),
+                          **kw)
+
+  def __call__(self, x, cos, sin, mask, kv, index):
+    b, t, _ = x.shape
+    q = apply_rope(self.q(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
+    k = apply_rope(self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+    v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if kv is not None:
+      ck, cv = kv
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+      kv = (ck, cv)
+      k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+    out = layers.attention(q, k, v, mask=mask)
+    return self.o(out.reshape(b, t, self.num_heads * self.head_dim)), kv
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: LLMConfig, *, lora: lora_lib.LoRAConfig | None, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    d, m = cfg.hidden_size, cfg.intermediate_size
+    norm = dict(eps=cfg.rms_norm_eps, param_type=layers.BaseParam, dtype=dtype,
+                param_dtype=param_dtype, rngs=rngs)
+    kw = dict(param_type=layers.BaseParam, kernel_init=nnx.initializers.normal(0.02),
+              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    t = (lambda name: lora.for_target(name)) if lora is not None else (lambda name: None)
+    self.attn_norm = layers.RMSNorm(d, **norm)
+    self.attn = Attention(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(d, **norm)
+    self.gate = layers.Dense(d, m, axes=("embed", "mlp"), lora=t("gate"), **kw)
+    self.up = layers.Dense(d, m, axes=("embed", "mlp"), lora=t("up"), **kw)
+    self.down = layers.Dense(m, d, axes=("mlp", "embed"), lora=t("down"), **kw)
+
+  def __call__(self, x, cos, sin, mask, kv, index):
+    h, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, index)
+    x = x + h
+    y = self.mlp_norm(x)
+    return x + self.down(jax.nn.silu(self.gate(y)) * self.up(y)), kv
+
+
+def _run_layer(layer, x, cos, sin, mask, kv, index):
+  return layer(x, cos, sin, mask, kv, index)
+
+
+class Decoder(nnx.Module):
+  """LLaMA / Qwen2 decoder; see ``docs/interfaces.md`` for the call contract."""
+
+  def __init__(self, cfg: LLMConfig, *, lora: lora_lib.LoRAConfig | None = None,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, remat: bool = False,
+               rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+    self.cfg, self.dtype, self.remat = cfg, dtype, bool(remat)
+    init = nnx.initializers.normal(0.02)
+    self.embed_tokens = layers.param(layers.BaseParam, init, rngs.params(),
+                                     (cfg.vocab_size, cfg.hidden_size), param_dtype,
+                                     ("vocab", "embed"))
+    self.layers = nnx.List([
+        DecoderLayer(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for _ in range(cfg.num_layers)])
+    self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_type=layers.BaseParam,
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    layers.param(layers.BaseParam, init, rngs.params(),
+                                 (cfg.hidden_size, cfg.vocab_size), param_dtype, ("embed", "vocab")))
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise ValueError(f"llm: input_ids must be an int [B,T] array, got {input_ids.dtype} "
+                       f"{tuple(input_ids.shape)}")
+    return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+
+  def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty cache; ``dtype`` defaults to the compute dtype."""
+    cfg = self.cfg
+    dtype = jnp.dtype(dtype or self.dtype)
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return KVCache(k=zeros(), v=zeros(), index=jnp.zeros((), jnp.int32))
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Final-norm hidden states -> float32 logits (accumulated in float32 for any dtype)."""
+    if self.lm_head is None:
+      w = self.embed_tokens[...].astype(self.dtype).T
+    else:
+      w = self.lm_head[...].astype(self.dtype)
+    return jnp.dot(hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
+
+  def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+               positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
+               cache: KVCache | None = None, return_hidden: bool = False):
+    """Returns ``logits`` (no cache) or ``(logits, new_cache)``; with ``return_hidden`` the final
+    normed hidden states ``[B,T,D]`` are appended as the last element of a tuple."""
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("llm: pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+      x = self.embed(input_ids)
+    else:
+      if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.cfg.hidden_size:
+        raise ValueError(f"llm: inputs_embeds must be [B,T,{self.cfg.hidden_size}], got "
+                         f"{tuple(inputs_embeds.shape)}")
+      x = inputs_embeds.astype(self.dtype)
+    b, t, _ = x.shape
+    index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
+    s = cache.max_len if cache is not None else t
+    if cache is not None and (cache.k[0].shape[0] != b or len(cache.k) != self.cfg.num_layers):
+      raise ValueError(f"llm: cache holds {len(cache.k)} layers of batch {cache.k[0].shape[0]}; "
+                       f"expected {self.cfg.num_layers} layers of batch {b}")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None] + index, (b, t))
+    elif positions.shape != (b, t):
+      raise ValueError(f"llm: positions must be [B,T]={(b, t)}, got {tuple(positions.shape)}")
+    if attention_mask is not None and attention_mask.shape != (b, s):
+      what = "S_max (every cache slot)" if cache is not None else "T"
+      raise ValueError(f"llm: attention_mask must be [B, {what}]={(b, s)}, got "
+                       f"{tuple(attention_mask.shape)}")
+
+    # Causal by slot, keys restricted to valid slots; every query also sees its own slot so
+    # rows of padding queries stay finite (their outputs are ignored).
+    q_slot = jnp.arange(t)[:, None] + index
+    k_slot = jnp.arange(s)[None, :]
+    mask = (k_slot <= q_slot)[None, None]
+    if attention_mask is not None:
+      mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    mask = mask | (k_slot == q_slot)[None, None]
+
+    inv = jnp.asarray(rope_inv_freq(self.cfg))
+    angles = positions.astype(jnp.float32)[..., None] * inv
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+
+    run = nnx.remat(_run_layer) if self.remat else _run_layer
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kv = (cache.k[i], cache.v[i]) if cache is not None else None
+      x, kv = run(layer, x, cos, sin, mask, kv, index)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    hidden = self.norm(x)
+    logits = self.logits(hidden)
+    out: tuple = (logits,)
+    if cache is not None:
+      out += (KVCache(k=tuple(new_k), v=tuple(new_v), index=index + t),)
+    if return_hidden:
+      out += (hidden,)
+    return out[0] if len(out) == 1 else out

@@ -1,0 +1,164 @@
+"""Decoder LM: logits match HF LLaMA / Qwen2; KV-cache decoding equals a full forward pass."""
+
+import hf_fixtures as fx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from feallm_jax import sharding
+from feallm_jax.models import llm
+from feallm_jax.weights import hf
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+  return fx.llama_dir(str(tmp_path_factory.mktemp("llama")))
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+  return fx.qwen2_dir(str(tmp_path_factory.mktemp("qwen2")))
+
+
+def _ids(b=2, t=12, seed=0):
+  return np.random.default_rng(seed).integers(0, 96, (b, t)).astype(np.int32)
+
+
+def _left_padded(ids, pads):
+  mask = np.ones_like(ids)
+  for row, n in enumerate(pads):
+    mask[row, :n] = 0
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+  return mask, positions
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen2"])
+def test_logits_match_hf(which, llama_dir, qwen_dir):
+  path = llama_dir if which == "llama" else qwen_dir
+  model = hf.load_llm(path)
+  cfg = model.cfg
+  if which == "llama":
+    assert cfg.rope_type == "llama3" and cfg.num_kv_heads == 2 and model.lm_head is not None
+  else:
+    assert cfg.tie_word_embeddings and model.lm_head is None and cfg.attention_bias
+  ids = _ids(t=40)   # beyond original_max_position_embeddings=16: llama3 scaling matters
+  ours = model(jnp.asarray(ids))
+  assert ours.dtype == jnp.float32 and ours.shape == (2, 40, 96)
+  err = fx.rel_err(ours, fx.torch_llm_logits(path, ids))
+  print(f"{which} logits rel err {err:.2e}")
+  assert err < 1e-4
+
+
+def test_left_padding_matches_hf(llama_dir):
+  model = hf.load_llm(llama_dir)
+  ids = _ids(t=10, seed=1)
+  mask, pos = _left_padded(ids, [3, 0])
+  ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                          positions=jnp.asarray(pos)))
+  ref = fx.torch_llm_logits(llama_dir, ids, mask, pos)
+  valid = mask.astype(bool)
+  assert fx.rel_err(ours[valid], ref[valid]) < 1e-4
+  assert np.all(np.isfinite(ours))
+
+
+def test_sharded_index_checkpoint(tmp_path, llama_dir):
+  path = fx.llama_dir(str(tmp_path / "sharded"), max_shard_size="20KB")
+  import os
+  assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+  ids = _ids(t=8)
+  a = hf.load_llm(path)(jnp.asarray(ids))
+  assert fx.rel_err(a, fx.torch_llm_logits(path, ids)) < 1e-4
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen2"])
+def test_kv_cache_token_by_token(which, llama_dir, qwen_dir):
+  model = hf.load_llm(llama_dir if which == "llama" else qwen_dir)
+  b, t, s = 2, 9, 12
+  ids = _ids(b, t, seed=2)
+  mask, pos = _left_padded(ids, [4, 1])
+  full = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                          positions=jnp.asarray(pos)))
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(state, ids, slots, pos, cache):
+    return nnx.merge(graphdef, state)(ids, attention_mask=slots, positions=pos, cache=cache)
+
+  cache = model.init_cache(b, s)
+  slot_mask = np.zeros((b, s), np.int32)
+  # A 3-token prefill, then one token at a time.
+  chunks = [(0, 3)] + [(i, i + 1) for i in range(3, t)]
+  out = []
+  for lo, hi in chunks:
+    slot_mask[:, lo:hi] = mask[:, lo:hi]
+    logits, cache = step(state, jnp.asarray(ids[:, lo:hi]), jnp.asarray(slot_mask),
+                         jnp.asarray(pos[:, lo:hi]), cache)
+    out.append(np.asarray(logits))
+  assert int(cache.index) == t
+  inc = np.concatenate(out, axis=1)
+  valid = mask.astype(bool)
+  err = fx.rel_err(inc[valid], full[valid])
+  print(f"{which} kv-cache vs full rel err {err:.2e}")
+  assert err < 1e-5
+
+
+def test_jit_split_merge_remat_and_bf16(llama_dir):
+  cfg = hf.llm_config_from_dir(llama_dir)
+  ids = jnp.asarray(_ids(t=8))
+  ref = hf.load_llm(llama_dir)(ids)
+  with sharding.mesh_rules(sharding.single_device_mesh()):
+    model = llm.Decoder(cfg, remat=True, rngs=nnx.Rngs(0))
+  hf.load_llm_weights(model, llama_dir)
+  graphdef, state = nnx.split(model)
+
+  def loss(state):
+    return nnx.merge(graphdef, state)(ids).mean()
+
+  val, grads = jax.jit(jax.value_and_grad(loss))(state)
+  np.testing.assert_allclose(val, ref.mean(), rtol=1e-5)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  bf = hf.load_llm(llama_dir, dtype="bfloat16")
+  assert bf.embed_tokens[...].dtype == jnp.bfloat16
+  out = bf(ids)
+  assert out.dtype == jnp.float32
+  assert fx.rel_err(out, ref) < 5e-2
+
+
+def test_inputs_embeds_and_return_hidden(llama_dir):
+  model = hf.load_llm(llama_dir)
+  ids = jnp.asarray(_ids(t=6))
+  a = model(ids)
+  b, h = model(inputs_embeds=model.embed(ids), return_hidden=True)
+  np.testing.assert_allclose(a, b, atol=1e-6)
+  assert h.shape == (2, 6, 32)
+  with pytest.raises(ValueError, match="exactly one"):
+    model(ids, inputs_embeds=model.embed(ids))
+  with pytest.raises(ValueError, match="attention_mask"):
+    model(ids, attention_mask=jnp.ones((2, 5), jnp.int32))
+  with pytest.raises(ValueError, match="positions"):
+    model(ids, positions=jnp.zeros((2, 5), jnp.int32))
+  with pytest.raises(ValueError, match="input_ids"):
+    model(jnp.zeros((2, 6), jnp.float32))
+
+
+def test_config_from_hf_and_dict():
+  base = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=2, num_attention_heads=4)
+  cfg = llm.LLMConfig.from_hf({**base, "rope_scaling": {"type": "linear", "factor": 2.0},
+                               "rope_theta": 1e4})
+  assert cfg.rope_type == "linear" and cfg.num_kv_heads == 4 and cfg.head_dim == 8
+  np.testing.assert_allclose(llm.rope_inv_freq(cfg),
+                             1 / (1e4 ** (np.arange(0, 8, 2) / 8)) / 2, rtol=1e-6)
+  hash(cfg)  # static module attribute: must be hashable
+  with pytest.raises(ValueError, match="model_type"):
+    llm.LLMConfig.from_hf({**base, "model_type": "gpt2"})
+  with pytest.raises(ValueError, match="rope type 'yarn'"):
+    llm.LLMConfig.from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    llm.LLMConfig.from_hf({**base, "num_key_value_heads": 3})
+  q = llm.LLMConfig.from_dict(dict(hf_path="", model_type="qwen2", vocab_size=96, hidden_size=32,
+                                   intermediate_size=64, num_layers=1, num_heads=4,
+                                   num_kv_heads=2, head_dim=8))
+  assert q.attention_bias

@@ -1,0 +1,222 @@
+"""The jitted train step: split model state, gradient accumulation, skip of non-finite updates.
+
+The model is split once into ``graphdef`` (static), trainable weights, frozen weights and the rest
+(RNG keys/counts). Only the trainable part gets gradients and optimizer state; the frozen part is
+an input of the step that is never donated nor returned, so it cannot change. Python graph walks
+(``nnx.merge``) happen at trace time only: the hot loop calls one compiled function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from feallm_jax import sharding
+from feallm_jax.train import optimizer as optimizer_lib
+
+LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (and is checkpointed)."""
+  step: jax.Array          # batches consumed (int32)
+  updates: jax.Array       # optimizer updates applied; the schedules' position (int32)
+  params: Any              # pure nnx.State of the trainable weights
+  opt_state: Any           # optax state over ``params``
+  rest: Any                # pure nnx.State of non-parameter model state (RNG streams)
+  skipped: jax.Array       # non-finite steps skipped so far (int32)
+  bad_streak: jax.Array    # consecutive non-finite steps (int32)
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str):
+  if name not in _DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def _cast_floats(tree: Any, dtype) -> Any:
+  def cast(x):
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+      return x.astype(dtype)
+    return x
+  return jax.tree.map(cast, tree)
+
+
+def _micro_batches(batch: Mapping[str, jax.Array], k: int, mesh: Mesh) -> dict[str, jax.Array]:
+  """``[B, ...] -> [k, B/k, ...]`` taking every k-th row, so each micro-batch stays spread
+  over all batch shards (a contiguous split would put a micro-batch on a few devices)."""
+  out = {}
+  for key, x in batch.items():
+    b = x.shape[0]
+    y = x.reshape(b // k, k, *x.shape[1:]).swapaxes(0, 1)
+    spec = P(None, ("data", "fsdp"), *([None] * (x.ndim - 1)))
+    out[key] = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+  return out
+
+
+class Trainer:
+  """Owns the split model, the optimizer and the compiled step for one mesh."""
+
+  def __init__(self, config, model: nnx.Module, mesh: Mesh, *, loss_fn: LossFn,
+               trainable: Any):
+    self.config, self.mesh, self.loss_fn = config, mesh, loss_fn
+    self.accum_steps = int(config.optim.get("accum_steps", 1))
+    if self.accum_steps < 1:
+      raise ValueError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
+    self.trainable = trainable
+    graphdef, params_v, frozen_v, rest_v = nnx.split(model, trainable, nnx.Param, ...)
+    if not nnx.to_flat_state(params_v).leaves:
+      raise ValueError("trainable_filter selects no weights: nothing would train "
+                       f"(model.train_llm={config.model.get('train_llm')!r})")
+    self.graphdef = graphdef
+    self.group_sizes = optimizer_lib.group_sizes(params_v)
+    self.tx, self.schedules = optimizer_lib.make(config, params_v)
+    frozen = nnx.as_pure(frozen_v)
+    frozen_dtype = config.model.get("frozen_dtype", "")
+    if frozen_dtype:
+      frozen = _cast_floats(frozen, dtype_of(frozen_dtype))
+    self.frozen = frozen
+    with jax.set_mesh(mesh):
+      params = nnx.as_pure(params_v)
+      opt_state = self.tx.init(params)
+      zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: each one is donated
+      state = TrainState(step=zero(), updates=zero(), params=params, opt_state=opt_state,
+                         rest=nnx.as_pure(rest_v), skipped=zero(), bad_streak=zero())
+    self._initial = self._place(state)
+    self.state_shardings = jax.tree.map(lambda x: x.sharding, self._initial)
+    self._abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._initial)
+    self.frozen = self._place(self.frozen)
+    self.frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
+    self._compiled: dict[Any, Any] = {}
+
+  # -- state ---------------------------------------------------------------------------------
+
+  def _place(self, tree: Any) -> Any:
+    """Arrays not yet laid out on this mesh (scalars, counts) become replicated on it."""
+    replicated = NamedSharding(self.mesh, P())
+
+    def place(x):
+      s = getattr(x, "sharding", None)
+      if isinstance(s, NamedSharding) and s.mesh.shape_tuple == self.mesh.shape_tuple and (
+          s.mesh.devices.tolist() == self.mesh.devices.tolist()):
+        return x
+      return jax.device_put(x, replicated)
+    return jax.tree.map(place, tree)
+
+  def initial_state(self) -> TrainState:
+    """The freshly initialized state (hand it over once: the step donates its input)."""
+    state, self._initial = self._initial, None
+    if state is None:
+      raise RuntimeError("initial_state() was already taken; it is donated to the first step")
+    return state
+
+  def abstract_state(self) -> TrainState:
+    """Shape/dtype/sharding of the state on this mesh: the target for checkpoint restores."""
+    return self._abstract
+
+  def merge(self, state: TrainState) -> nnx.Module:
+    """A model object holding ``state``'s weights (for evaluation or export)."""
+    return nnx.merge(self.graphdef, state.params, self.frozen, state.rest)
+
+  # -- the step ------------------------------------------------------------------------------
+
+  def _loss_and_grad(self, params, frozen, rest, batch):
+    def fn(p, r):
+      model = nnx.merge(self.graphdef, p, frozen, r)
+      loss, metrics = self.loss_fn(model, batch)
+      new_rest = nnx.as_pure(nnx.split(model, self.trainable, nnx.Param, ...)[3])
+      tokens = jax.lax.stop_gradient(jnp.asarray(metrics["tokens"], jnp.float32))
+      return loss.astype(jnp.float32) * tokens, (metrics, new_rest, tokens)
+    (loss_sum, (metrics, new_rest, tokens)), grads = jax.value_and_grad(fn, has_aux=True)(
+        params, rest)
+    acc_sum = jnp.asarray(metrics.get("accuracy", 0.0), jnp.float32) * tokens
+    return grads, new_rest, loss_sum, acc_sum, tokens
+
+  def _train_step(self, state: TrainState, frozen, batch):
+    k = self.accum_steps
+    if k == 1:
+      grads, rest, loss_sum, acc_sum, tokens = self._loss_and_grad(state.params, frozen,
+                                                                   state.rest, batch)
+    else:
+      micro = _micro_batches(batch, k, self.mesh)
+
+      def body(carry, mb):
+        g_acc, r, l_acc, a_acc, t_acc = carry
+        g, r, l, a, t = self._loss_and_grad(state.params, frozen, r, mb)
+        g_acc = jax.tree.map(lambda x, y: x + y.astype(x.dtype), g_acc, g)
+        return (g_acc, r, l_acc + l, a_acc + a, t_acc + t), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      z = jnp.zeros((), jnp.float32)
+      (grads, rest, loss_sum, acc_sum, tokens), _ = jax.lax.scan(
+          body, (zeros, state.rest, z, z, z), micro)
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+    loss = loss_sum / denom
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    lrs = optimizer_lib.learning_rates(self.schedules, state.updates, self.group_sizes)
+    new_state = state.replace(
+        step=state.step + 1,
+        updates=state.updates + finite.astype(jnp.int32),
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        rest=rest,
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+        bad_streak=jnp.where(finite, 0, state.bad_streak + 1).astype(jnp.int32))
+    metrics = dict(loss=loss, accuracy=acc_sum / denom, tokens=tokens, grad_norm=grad_norm,
+                   finite=finite, skipped=new_state.skipped, bad_streak=new_state.bad_streak,
+                   **lrs)
+    return new_state, metrics
+
+  def batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+    shards = sharding.batch_shards(self.mesh)
+    out = {}
+    for key, x in batch.items():
+      b = x.shape[0]
+      if b % (shards * self.accum_steps):
+        raise ValueError(
+            f"batch[{key!r}] has {b} rows: must divide into optim.accum_steps="
+            f"{self.accum_steps} micro-batches over {shards} data x fsdp shards")
+      out[key] = sharding.batch_sharding(self.mesh, x.ndim)
+    return out
+
+  def jitted(self, batch: Mapping[str, Any]):
+    """The compiled-once step for batches shaped like ``batch`` (explicit shardings)."""
+    key = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+    fn = self._compiled.get(key)
+    if fn is None:
+      replicated = NamedSharding(self.mesh, P())
+      fn = jax.jit(self._train_step,
+                   in_shardings=(self.state_shardings, self.frozen_shardings,
+                                 self.batch_shardings(batch)),
+                   out_shardings=(self.state_shardings, replicated),
+                   donate_argnums=(0,))
+      self._compiled[key] = fn
+    return fn
+
+  def step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+    """One update; ``state`` is donated (do not reuse it)."""
+    self._initial = None  # its buffers may be donated below
+    with jax.set_mesh(self.mesh):
+      return self.jitted(batch)(state, self.frozen, batch)
+
+  def put_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Process-local numpy batch -> global arrays sharded over data x fsdp."""
+    return sharding.global_batch(local, self.mesh)

@@ -214,7 +214,7 @@ def _shape(ident: Identity, aus: Mapping[int, float], unilateral: bool) -> _Shap
     w_in = np.array([0.0, 0.15, 0.4, 0.75, 1.0])
     w_out = np.array([1.0, 0.85, 0.55, 0.25, 0.05])
     y = y - 0.055 * k(1) * w_in - 0.05 * k(2) * w_out
-    y = y + 0.032 * k(4) * (0.35 + 0.65 * w_in) + 0.012 * k(9) * w_in
+    y = y + 0.04 * k(4) * (0.2 + 0.8 * w_in) + 0.012 * k(9) * w_in
     x = x - s * (0.03 * k(4) + 0.008 * k(9)) * w_in
     pts = np.stack([x, y], 1)
     if s < 0:
@@ -255,7 +255,11 @@ def _shape(ident: Identity, aus: Mapping[int, float], unilateral: bool) -> _Shap
         d = np.array([s * math.cos(ang), math.sin(ang)])
         marks.append((np.array([[ox, ey], [ox + d[0] * ln, ey + d[1] * ln]]),
                       0.5 * k(6) + 0.15, 0.007))
-      blush.append(((ex + s * 0.01, ey + hl + 0.075 - 0.015 * k(6)), (0.065, 0.045), 0.5 * k(6)))
+      cy = ey + 0.105 - 0.012 * k(6)
+      blush.append(((ex + s * 0.008, cy), (0.07, 0.05), k(6)))
+      cu = np.linspace(-1, 1, 9)
+      bulge = np.stack([ex + s * 0.008 + cu * 0.07, cy + 0.05 * np.sqrt(1 - 0.8 * cu ** 2)], 1)
+      marks.append((bulge, 0.5 * k(6) + 0.15, 0.008))
 
   # Forehead wrinkles: AU1 central, AU2 lateral.
   brow_top = min(lm[17:27, 1].min(), ident.eye_y - ident.brow_gap) - 0.03
@@ -284,7 +288,7 @@ def _shape(ident: Identity, aus: Mapping[int, float], unilateral: bool) -> _Shap
       y0 = nose_top + 0.025 + 0.022 * j
       xx = np.linspace(cx - 0.04, cx + 0.04, 7)
       marks.append((np.stack([xx, y0 + 0.008 * ((xx - cx) / 0.04) ** 2], 1),
-                    0.6 * k(9) + 0.2, 0.008))
+                    0.75 * k(9) + 0.25, 0.01))
 
   # Nose: bridge 27..30, nostril base 31..35 (AU9 lifts wings strongly, AU10 a little).
   lift = 0.014 * k(9) + 0.005 * k(10)
@@ -301,16 +305,16 @@ def _shape(ident: Identity, aus: Mapping[int, float], unilateral: bool) -> _Shap
   tu *= max(thin, 0.25)
   tl *= max(thin + 0.2 * k(17), 0.25)
   gap_up = 0.004 * k(25) + 0.012 * k(10) * (k(25) > 0)
-  gap_low = (0.012 + 0.012 * k(25)) * (k(25) > 0) + 0.022 * k(16) + 0.06 * k(26)
+  gap_low = (0.014 + 0.02 * k(25)) * (k(25) > 0) + 0.022 * k(16) + 0.06 * k(26)
   raise_u = 0.03 * k(10) + 0.006 * k(9)
   mx, my = cx, ident.mouth_y - 0.012 * k(17) * 0 - 0.004 * k(10)
   hw = ident.mouth_hw * (1 - 0.08 * k(26) - 0.1 * k(23) - 0.05 * k(24))
   corner = {}
   for s in (-1, 1):
     k12, k14 = _side_k(aus, 12, s, unilateral), _side_k(aus, 14, s, unilateral)
-    dy = (ident.rest_curve - 0.045 * k12 - 0.008 * k14 + 0.04 * k(15) + 0.012 * k(20)
+    dy = (ident.rest_curve - 0.045 * k12 - 0.008 * k14 + 0.05 * k(15) + 0.012 * k(20)
           + 0.014 * k(17) + 0.01 * k(26))
-    dx = 0.028 * k12 - 0.016 * k14 + 0.04 * k(20) - 0.005 * k(15)
+    dx = 0.028 * k12 - 0.018 * k14 + 0.05 * k(20) - 0.005 * k(15)
     corner[s] = (dx, dy, k12, k14)
   u = np.linspace(-1, 1, 21)
   sgn = np.where(u < 0, -1, 1)
@@ -339,7 +343,7 @@ def _shape(ident: Identity, aus: Mapping[int, float], unilateral: bool) -> _Shap
   for s in (-1, 1):
     dx, dy, k12, k14 = corner[s]
     cxs, cys = mx + s * (hw + dx), my + dy
-    depth = 0.5 * k12 + 0.55 * k(10) + 0.35 * k(9) + 0.2 * k(6) + 0.15 * k(20)
+    depth = 0.5 * k12 + 0.55 * k(10) + 0.35 * k(9) + 0.15 * k(20)
     wing = np.array([cx + s * (ident.nose_w + 0.012), ident.nose_y + 0.01 - lift])
     end = np.array([cxs + s * 0.02, cys + 0.012])
     ctrl = np.array([wing[0] + s * (0.035 + 0.02 * k12), (wing[1] + end[1]) / 2 - 0.005])
@@ -348,8 +352,8 @@ def _shape(ident: Identity, aus: Mapping[int, float], unilateral: bool) -> _Shap
     if depth > 0.05:
       marks.append((fold, min(depth + 0.15, 0.95), 0.008))
     if k14 > 0:
-      marks.append((np.array([[cxs + s * 0.016, cys - 0.018], [cxs + s * 0.021, cys],
-                              [cxs + s * 0.016, cys + 0.016]]), 0.55 * k14 + 0.25, 0.008))
+      marks.append((np.array([[cxs + s * 0.014, cys - 0.024], [cxs + s * 0.022, cys - 0.004],
+                              [cxs + s * 0.016, cys + 0.018]]), 0.7 * k14 + 0.3, 0.013))
     if k(20) > 0:
       marks.append((np.array([[cxs + s * 0.01, cys + 0.012],
                               [cxs + s * (0.02 + 0.02 * k(20)), cys + 0.03 + 0.03 * k(20)]]),
@@ -359,10 +363,10 @@ def _shape(ident: Identity, aus: Mapping[int, float], unilateral: bool) -> _Shap
   if k(17) > 0:
     xx = np.linspace(-0.05, 0.05, 7)
     marks.append((np.stack([cx + xx, lm[57, 1] + 0.02 + 0.01 * (xx / 0.05) ** 2], 1),
-                  0.5 * k(17) + 0.25, 0.008))
+                  0.6 * k(17) + 0.3, 0.01))
     for ddx, ddy in ((-0.025, 0.01), (0.0, 0.02), (0.025, 0.01), (-0.012, 0.032), (0.014, 0.03)):
       p = chin_c + np.array([ddx, ddy - 0.005])
-      marks.append((np.array([p - [0.006, 0], p + [0.006, 0]]), 0.45 * k(17) + 0.2, 0.008))
+      marks.append((np.array([p - [0.007, 0], p + [0.007, 0]]), 0.6 * k(17) + 0.25, 0.009))
   if k(24) > 0:
     for y0 in (lm[51, 1] - 0.012, lm[57, 1] + 0.012):
       marks.append((np.array([[cx - 0.035, y0], [cx + 0.035, y0]]), 0.45 * k(24) + 0.2, 0.007))
@@ -444,7 +448,7 @@ def render(ident: Identity, aus: Mapping[int, float], *, pose=(0.0, 1.0, 0.0, 0.
   for (c, r, strength) in shape.blush:
     tt2 = np.linspace(0, 2 * math.pi, 14, endpoint=False)
     d.polygon(P(np.array(c) + np.stack([r[0] * np.cos(tt2), r[1] * np.sin(tt2)], 1)),
-              fill=_lerp(skin, (235, 120, 120), 0.45 * strength + 0.1))
+              fill=_lerp(skin, (230, 105, 110), 0.55 * strength + 0.1))
   line_dark = _lerp(skin, (50, 25, 15), 1.0)
   for pts, dark, w in shape.marks:
     d.line(P(pts), fill=_lerp(skin, line_dark, dark), width=W(w), joint="curve")

@@ -82,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.save_every = 200
   t.keep = 2
   t.eval_every = 0          # 0 = only at the end
+  t.final_eval = True       # evaluate eval.suites once training ends
+  t.progress = True         # tqdm progress bar
   t.max_bad_steps = 5       # consecutive non-finite steps before the run stops
 
   e = c.eval = ml_collections.ConfigDict()

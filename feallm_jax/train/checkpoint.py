@@ -139,6 +139,12 @@ def shapes_table(tree: Any) -> dict[str, list]:
   return {"/".join(p): [list(x.shape), str(x.dtype)] for p, x in zip(paths, leaves)}
 
 
+def _tree_restore(target: dict, partial: bool = False):
+  return ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=partial)
+
+
 # -- Grain iterator state ----------------------------------------------------------------------
 
 class _IteratorSnapshot:
@@ -237,7 +243,7 @@ class Checkpointer:
       raise RuntimeError("checkpointer opened read-only")
     if step in self.manager.all_steps():
       return False
-    items = dict(state=ocp.args.StandardSave(to_nested(state)),
+    items = dict(state=ocp.args.PyTreeSave(to_nested(state)),
                  config=ocp.args.JsonSave(config_json(self.config)),
                  meta=ocp.args.JsonSave(self.meta(state, step)))
     if data_iterator is not None:
@@ -262,7 +268,7 @@ class Checkpointer:
       try:
         meta = self.read_meta(s)
         self.check_compatible(meta, shapes_table(abstract_state.params))
-        items = dict(state=ocp.args.StandardRestore(target))
+        items = dict(state=_tree_restore(target))
         if data_iterator is not None:
           items["data"] = grain_ckpt.CheckpointRestore(data_iterator)
         out = self.manager.restore(s, args=ocp.args.Composite(**items))
@@ -321,5 +327,48 @@ def check_workdir(config, workdir: str, base_fingerprint: str = "") -> int | Non
     step, meta = found
     ckpt.check_compatible(meta)
     return step
+  finally:
+    ckpt.manager.close()
+
+
+def restore_weights(model, config, workdir: str, *, trainable: Any, step: int | None = None,
+                    base_fingerprint: str | None = None) -> int:
+  """Loads a run's trainable weights (and RNG state) into ``model`` in place; returns the step.
+
+  For evaluation and export: optimizer state is not read. ``model`` must be built from the
+  same config (and the same base weights) on any mesh; its shardings are kept.
+  """
+  from flax import nnx  # local: keeps this module importable without building models
+
+  _, params_v, _, rest_v = nnx.split(model, trainable, nnx.Param, ...)
+  like = {"params": nnx.as_pure(params_v), "rest": nnx.as_pure(rest_v)}
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+  ckpt = Checkpointer(workdir, config, base_fingerprint=base_fingerprint or "", read_only=True)
+  try:
+    steps = [step] if step is not None else list(reversed(ckpt.all_steps()))
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
+    errors = []
+    for s in steps:
+      try:
+        meta = ckpt.read_meta(s)
+        if base_fingerprint is None:
+          ckpt.base_fingerprint = meta.get("base_fingerprint", "")
+        ckpt.check_compatible(meta, shapes_table(like["params"]))
+        out = ckpt.manager.restore(s, args=ocp.args.Composite(
+            state=_tree_restore(_abstract_nested(abstract), partial=True)))
+        restored = from_nested(out["state"], abstract)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # noqa: BLE001
+        if step is not None:
+          raise
+        log.warning("checkpoint %d unreadable (%s); trying the previous one", s, e)
+        errors.append(f"step {s}: {e}")
+        continue
+      nnx.update(model, restored["params"], restored["rest"])
+      return s
+    raise RuntimeError(f"{ckpt.directory}: no checkpoint could be read:\n  " + "\n  ".join(errors))
   finally:
     ckpt.manager.close()

@@ -1,0 +1,282 @@
+"""``train_and_evaluate(config, workdir)``: the whole training run, importable from a notebook.
+
+Order matters for the "refuse before writing" guarantee: the workdir's checkpoints are checked
+against the config (architecture, base-weight fingerprint, trainable shapes) *before* any file
+is created. Restarting the same command resumes from the newest good checkpoint; SIGTERM (a
+preempted VM) saves at the next step boundary and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from feallm_jax import sharding
+from feallm_jax.train import checkpoint as ckpt_lib
+from feallm_jax.train import metrics_log
+from feallm_jax.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive non-finite steps."""
+
+
+# -- base-weight fingerprint -------------------------------------------------------------------
+
+def _hf_dir_fingerprint(path: str) -> str:
+  """Cheap identity of an HF directory: config.json text plus weight-file names and sizes."""
+  h = hashlib.sha256()
+  for name in sorted(os.listdir(path)):
+    full = os.path.join(path, name)
+    if name == "config.json":
+      with open(full, "rb") as f:
+        h.update(f.read())
+    elif name.endswith((".safetensors", ".bin", ".json")) and os.path.isfile(full):
+      h.update(f"{name}:{os.path.getsize(full)}".encode())
+  return h.hexdigest()
+
+
+def base_fingerprint(config, *, has_frozen: bool) -> str:
+  """Which frozen weights this run starts from (checked on resume; the weights are not saved)."""
+  if not has_frozen:
+    return ""
+  m = config.model
+  base = m.get("base_checkpoint", "")
+  if base:
+    from feallm_jax.weights import base_checkpoint as bc
+    meta = bc.read_meta(base)
+    return f"base_checkpoint:{meta.get('fingerprint') or bc.fingerprint(base)}"
+  parts = []
+  for tower in ("vision", "llm"):
+    path = m[tower].get("hf_path", "")
+    parts.append(f"{tower}=hf:{_hf_dir_fingerprint(path)}" if path else
+                 f"{tower}=init(seed={int(config.get('seed', 0))})")
+  return ";".join(parts)
+
+
+# -- config checks ----------------------------------------------------------------------------
+
+def _check_config(config) -> None:
+  t, d = config.train, config.data
+  for key in ("num_steps", "log_every", "save_every", "keep"):
+    if int(t[key]) <= 0:
+      raise ValueError(f"train.{key} must be positive, got {t[key]}")
+  if int(t.get("max_bad_steps", 0)) < 0:
+    raise ValueError(f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}")
+  pc = jax.process_count()
+  if int(d.batch_size) % pc:
+    raise ValueError(f"data.batch_size={d.batch_size} does not split over {pc} processes")
+
+
+# -- SIGTERM ----------------------------------------------------------------------------------
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls at step boundaries (main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    log.warning("signal %d received: saving a checkpoint at the next step boundary", signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _sync_flag(flag: bool) -> bool:
+  """True on every process when it is True on any (all hosts must stop at the same step)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.asarray([int(flag)]))))
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+def _evaluate(config, workdir: str, step: int, logger: metrics_log.MetricsLogger):
+  suites = tuple(config.eval.get("suites", ()) or ())
+  if not suites:
+    return None
+  try:
+    from feallm_jax.eval import feabench
+  except ImportError as e:
+    log.warning("evaluation skipped at step %d: feallm_jax.eval.feabench unavailable (%s)", step, e)
+    return None
+  results = feabench.evaluate(config, workdir, checkpoint=step, suites=suites,
+                              mode=config.eval.get("mode", "generate"))
+  flat = {}
+
+  def walk(prefix, x):
+    if isinstance(x, dict):
+      for k, v in x.items():
+        walk(f"{prefix}/{k}" if prefix else str(k), v)
+    elif isinstance(x, (int, float, np.number)) and not isinstance(x, bool):
+      flat[prefix] = float(x)
+  walk("", results)
+  logger.log(step, flat, kind="eval")
+  return results
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns a summary."""
+  from feallm_jax.data import pipeline
+  from feallm_jax.models import feallm
+
+  workdir = os.path.abspath(workdir)
+  _check_config(config)
+  # 1. Refuse a foreign workdir before building anything (cheap architecture check).
+  ckpt_lib.check_workdir(config, workdir)
+
+  mesh = sharding.make_mesh(dict(config.mesh))
+  model = feallm.build_model(config, mesh)
+  overview = feallm.parameter_overview(model, config)
+  trainable = feallm.trainable_filter(config)
+  trainer = step_lib.Trainer(config, model, mesh, loss_fn=feallm.loss_fn, trainable=trainable)
+  del model  # its trainable buffers now belong to the train state (donated each step)
+  has_frozen = bool(jax.tree.leaves(trainer.frozen))
+  fingerprint = base_fingerprint(config, has_frozen=has_frozen)
+  # 2. Full check (base fingerprint, trainable shapes) still before anything is written.
+  found = ckpt_lib.check_workdir(config, workdir, fingerprint)
+  data_iter = pipeline.train_iterator(config, split="train", seed=int(config.get("seed", 0)))
+
+  ckpt = ckpt_lib.Checkpointer(workdir, config, base_fingerprint=fingerprint)
+  logger = None
+  summary: dict[str, Any] = {"workdir": workdir}
+  try:
+    restored = ckpt.restore(trainer.abstract_state(), data_iter) if found is not None else None
+    if restored is not None:
+      state, start = restored
+      log.info("resumed from %s at step %d", ckpt.directory, start)
+    else:
+      state, start = trainer.initial_state(), 0
+    num_steps = int(config.train.num_steps)
+    logger = metrics_log.MetricsLogger(workdir, total_steps=num_steps, start_step=start,
+                                       progress=bool(config.train.get("progress", True)))
+    if start == 0:
+      logger.text("config", "```\n" + json.dumps(ckpt_lib.config_json(config), indent=1) + "\n```")
+    logger.text("parameters", "```\n" + overview + "\n```", step=start)
+    summary.update(start_step=start, resumed=restored is not None)
+    result = _run(config, workdir, trainer, state, start, data_iter, ckpt, logger)
+    summary.update(result)
+  finally:
+    ckpt.close()       # waits for every async save
+    if logger is not None:
+      logger.close()
+  if summary.get("preempted"):
+    return summary
+  if config.train.get("final_eval", True) and config.eval.get("suites", ()):
+    summary["eval"] = _evaluate(config, workdir, summary["final_step"],
+                                metrics_log.MetricsLogger(workdir, total_steps=0, progress=False))
+  return summary
+
+
+def _host(tree):
+  return jax.tree.map(lambda x: np.asarray(x), jax.device_get(tree))
+
+
+def _run(config, workdir, trainer, state, start, data_iter, ckpt, logger) -> dict[str, Any]:
+  t = config.train
+  num_steps, log_every = int(t.num_steps), int(t.log_every)
+  save_every, eval_every = int(t.save_every), int(t.get("eval_every", 0))
+  max_bad = int(t.get("max_bad_steps", 5))
+  pending: list[dict] = []          # device metrics since the last log
+  last_record: dict[str, Any] = {}
+  lagged = None                     # previous step's bad-streak scalar (checked one step late)
+  step = start
+  t_log, tokens_since = time.perf_counter(), 0
+  preempted = False
+
+  def check_streak(value) -> None:
+    streak = int(np.asarray(value))
+    if streak > max_bad:
+      last = ckpt.latest_step()
+      raise NonFiniteError(
+          f"{streak} consecutive non-finite steps (loss or gradient NaN/Inf) at step {step}, "
+          f"more than train.max_bad_steps={max_bad}; stopping. The last good checkpoint "
+          f"({'step ' + str(last) if last is not None else 'none'}) in {ckpt.directory} is intact.")
+
+  def flush_logs():
+    nonlocal pending, t_log, tokens_since, last_record
+    if not pending:
+      return
+    host = _host([m for _, m in pending])
+    elapsed = time.perf_counter() - t_log
+    n = len(host)
+    rec = {k: float(np.mean([h[k] for h in host])) for k in ("loss", "accuracy", "grad_norm")}
+    # Averages over finite steps only: one skipped NaN step must not poison the curve.
+    finite = [h for h in host if bool(h["finite"])]
+    if finite and len(finite) < n:
+      for k in ("loss", "accuracy", "grad_norm"):
+        rec[k] = float(np.mean([h[k] for h in finite]))
+    for k in host[-1]:
+      if k.startswith("lr_"):
+        rec[k] = float(host[-1][k])
+    rec.update(skipped=int(host[-1]["skipped"]), bad_streak=int(host[-1]["bad_streak"]),
+               step_time=elapsed / n, tokens_per_s=tokens_since / max(elapsed, 1e-9),
+               loss_tokens=float(np.mean([h["tokens"] for h in host])))
+    last_record = logger.log(pending[-1][0], rec)
+    pending, t_log, tokens_since = [], time.perf_counter(), 0
+    check_streak(rec["bad_streak"])
+
+  def save(at: int) -> bool:
+    if int(np.asarray(jax.device_get(state.bad_streak))) > 0:
+      log.warning("step %d: not saving (the last step was non-finite)", at)
+      return False
+    return ckpt.save(at, state, data_iter)
+
+  with _Preemption() as preemption:
+    while step < num_steps:
+      if _sync_flag(preemption.requested):
+        preempted = True
+        break
+      local = next(data_iter)
+      tokens_since += int(np.asarray(local["attention_mask"]).sum()) * jax.process_count()
+      batch = trainer.put_batch(local)
+      state, metrics = trainer.step(state, batch)
+      step += 1
+      pending.append((step, metrics))
+      if lagged is not None:
+        check_streak(lagged)
+      lagged = metrics["bad_streak"]
+      if step % log_every == 0 or step == num_steps:
+        flush_logs()
+      logger.advance()
+      if step % save_every == 0:
+        save(step)
+      if eval_every > 0 and step % eval_every == 0 and step < num_steps:
+        flush_logs()
+        save(step)
+        ckpt.wait()
+        _evaluate(config, workdir, step, logger)
+    flush_logs()
+    if lagged is not None:
+      check_streak(lagged)
+    save(step)
+    ckpt.wait()
+  if preempted:
+    log.warning("preempted: checkpoint saved at step %d; rerun the same command to resume", step)
+  return {"final_step": step, "preempted": preempted, "metrics": last_record,
+          "trainable_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+          "state": state}

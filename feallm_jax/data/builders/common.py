@@ -196,9 +196,8 @@ def load_face(source, rid: str, *, detect: bool = False,
     except regions.NoFaceError as e:
       raise SkipImage(f"{rid}: no face found ({e})") from e
     cropped = np.asarray(regions.crop_face(arr, box))
-    x0, y0 = _box_origin(box)
     if lm is not None:
-      lm = lm - np.array([x0, y0])
+      lm = lm - np.asarray(_crop_origin(box, *arr.shape[:2]))
     img = Image.fromarray(cropped)
   w, h = img.size
   img, _ = resize_bounds(img)
@@ -208,10 +207,13 @@ def load_face(source, rid: str, *, detect: bool = False,
   return encode_jpeg(img), out_lm
 
 
-def _box_origin(box) -> tuple[float, float]:
-  """Top-left (x, y) pixel of a detected face box (regions returns [x0, y0, x1, y1] pixels)."""
-  b = np.asarray(box, np.float64).reshape(-1)
-  return float(b[0]), float(b[1])
+def _crop_origin(box, H: int, W: int, margin: float = 0.25) -> tuple[float, float]:
+  """Top-left (x, y) pixel of regions.crop_face's square crop (same geometry, so landmarks
+  follow the crop)."""
+  y0, x0, y1, x1 = (float(v) for v in box)
+  cy, cx = (y0 + y1) / 2 * H, (x0 + x1) / 2 * W
+  side = max((y1 - y0) * H, (x1 - x0) * W) * (1 + 2 * margin)
+  return float(round(cx - side / 2)), float(round(cy - side / 2))
 
 
 # --- skip accounting ---------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def _conv_stack(x: jax.Array, kernels, biases, scales, shifts, kind: str, groups
 class LocalClueAggregator(nnx.Module):
   """Crops -> Conv Block -> R_local -> self-attention -> F_attn -> (F'_local, F_local)."""
 
-  def __init__(self, cfg: LCAConfig, *, vision_width: int, llm_width: int, in_channels: int = 3,
+  def __init__(self, cfg: LCAConfig, *, vision_width: int | None, llm_width: int, in_channels: int = 3,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     self.cfg, self.dtype = cfg, dtype
     r, d = cfg.num_regions, cfg.width
@@ -180,7 +180,9 @@ class LocalClueAggregator(nnx.Module):
     self.o = dense(d, d, ("lca_heads", "lca_embed"))
     self.out_norm = layers.LayerNorm(d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     # F'_local (per region, vision width) and F_local (all regions flattened -> one LLM token).
-    self.to_vision = dense(d, vision_width, ("lca_embed", "proj_embed"))
+    # vision_width=None: no projector reads F'_local (the MLP projector ablation).
+    self.to_vision = (dense(d, vision_width, ("lca_embed", "proj_embed"))
+                      if vision_width else None)
     self.to_llm = dense(r * d, llm_width, ("lca_flat", "proj_embed"))
 
   def region_features(self, image: jax.Array, boxes: jax.Array) -> jax.Array:
@@ -206,7 +208,7 @@ class LocalClueAggregator(nnx.Module):
     return jax.vmap(stack, in_axes=(1, 0, 0, 0, 0), out_axes=1)(crops, ks, bs, ss, ts)
 
   def __call__(self, image: jax.Array, boxes: jax.Array, *, return_attention: bool = False):
-    """Returns ``(F'_local [B,R,d_v], F_local [B,1,D_llm])`` (+ ``[B,heads,R,R]`` weights)."""
+    """Returns ``(F'_local [B,R,d_v] or None, F_local [B,1,D_llm])`` (+ ``[B,heads,R,R]``)."""
     cfg = self.cfg
     x = self.region_features(image, boxes)                                   # R_local
     b, r, d = x.shape
@@ -217,7 +219,7 @@ class LocalClueAggregator(nnx.Module):
     v = self.v(y).reshape(b, r, h, d // h)
     out, weights = layers.attention(q, k, v, return_weights=True)
     f_attn = self.out_norm(x + self.o(out.reshape(b, r, d)))                 # F_attn
-    f_local_v = self.to_vision(f_attn)                                       # F'_local
+    f_local_v = self.to_vision(f_attn) if self.to_vision is not None else None  # F'_local
     f_local = self.to_llm(f_attn.reshape(b, 1, r * d))                       # F_local
     if return_attention:
       return f_local_v, f_local, weights

@@ -1,0 +1,315 @@
+"""Batched, jitted generation with a KV cache, and closed-set answer scoring.
+
+Generation = one prefill of ``[image tokens + prompt]`` into a fixed-size cache, then a decode
+loop compiled as a single ``jax.lax.while_loop`` (no Python per token): static shapes, so one
+compile serves every batch of the same size. Prompts are LEFT padded (the last prompt token of
+every row sits in the same slot), positions are ``cumsum(mask) - 1``, and every row stops on its
+own at EOS (later tokens are ``pad_id``); the loop ends when all rows are done or after
+``max_new_tokens``. Greedy when ``temperature == 0``, else temperature + nucleus (top-p)
+sampling from a seed.
+
+Works on a bare ``llm.Decoder`` (text prompts) and on a FEALLM (anything with
+``embed_inputs(image, regions, input_ids, attention_mask)`` and a ``llm`` decoder attribute).
+Inputs are placed batch-sharded over ``data x fsdp`` of the mesh; the batch is padded with
+empty rows to a multiple of that size and the padding is cut off again.
+
+Closed-set scoring (``score_candidates``) never needs parsing: every candidate answer (e.g. the
+seven emotion labels as answer strings) is scored by its log-likelihood after the shared prompt.
+One prefill fills the cache; each candidate then runs as one teacher-forced pass that reads the
+prefilled cache (``lax.map`` over candidates, so memory stays at one candidate batch). The
+score is the SUM of the candidate's token log-probs, i.e. ``log P(candidate | prompt)`` — the
+exact probability of producing that answer, with no length normalization ("mean" is available
+for candidates of very different lengths). Per-label probabilities are the softmax of the
+scores over the candidates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from feallm_jax import sharding as sharding_lib
+
+PROMPT_KEYS_VISION = ("image", "regions", "input_ids", "attention_mask")
+PROMPT_KEYS_TEXT = ("input_ids", "attention_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to pick tokens. ``temperature == 0`` is greedy (argmax); ``top_p < 1`` is nucleus."""
+  max_new_tokens: int = 32
+  temperature: float = 0.0
+  top_p: float = 1.0
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+    object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+
+
+def is_vision_model(model: nnx.Module) -> bool:
+  return hasattr(model, "embed_inputs")
+
+
+def decoder_of(model: nnx.Module) -> nnx.Module:
+  """The decoder LM inside a FEALLM (or the model itself when it is a bare decoder)."""
+  if not is_vision_model(model):
+    return model
+  for name in ("llm", "decoder", "language_model"):
+    if hasattr(model, name):
+      return getattr(model, name)
+  raise AttributeError(f"{type(model).__name__} has embed_inputs but no decoder attribute "
+                       "(expected .llm)")
+
+
+def left_pad_positions(mask: jax.Array) -> jax.Array:
+  """Positions for left-padded rows: ``cumsum(mask) - 1``, clipped at 0 on padding."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _embed_prompt(model, inputs: Mapping[str, jax.Array]):
+  """(embeds [B,L,D], mask [B,L], positions [B,L]) of the prompt for either kind of model."""
+  if is_vision_model(model):
+    embeds, mask, positions = model.embed_inputs(
+        inputs["image"], inputs["regions"], inputs["input_ids"], inputs["attention_mask"])
+    return embeds, mask.astype(jnp.int32), positions.astype(jnp.int32)
+  dec = model
+  mask = inputs["attention_mask"].astype(jnp.int32)
+  return dec.embed(inputs["input_ids"]), mask, left_pad_positions(mask)
+
+
+def _constrain(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+  """Batch-shard an array created inside jit (the cache) so it follows the inputs."""
+  if mesh is None or x.shape[0] % sharding_lib.batch_shards(mesh):
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, P(("data", "fsdp"), *([None] * (x.ndim - 1)))))
+
+
+def _prefill(model, inputs, extra_len: int, mesh: Mesh | None):
+  """Runs the prompt through the decoder into a cache with ``extra_len`` free slots."""
+  dec = decoder_of(model)
+  embeds, mask, positions = _embed_prompt(model, inputs)
+  b, t = mask.shape
+  cache = dec.init_cache(b, t + extra_len)
+  cache = jax.tree.map(lambda x: _constrain(x, mesh) if x.ndim else x, cache)
+  cache_mask = jnp.concatenate([mask, jnp.zeros((b, extra_len), jnp.int32)], axis=1)
+  logits, cache = dec(inputs_embeds=embeds, positions=positions, attention_mask=cache_mask,
+                      cache=cache)
+  next_pos = positions[:, -1] + 1
+  return logits[:, -1], cache, cache_mask, next_pos
+
+
+def _select(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+  """Greedy argmax, or a sample from the temperature-scaled nucleus."""
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_p < 1:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)  # top-1 always kept
+    logits = jnp.full_like(logits, -jnp.inf).at[
+        jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
+def _generate_jit(graphdef, state, inputs, key, *, cfg: SamplingConfig, mesh: Mesh | None):
+  model = nnx.merge(graphdef, state)
+  dec = decoder_of(model)
+  n = cfg.max_new_tokens
+  last_logits, cache, cache_mask, pos = _prefill(model, inputs, n, mesh)
+  b = last_logits.shape[0]
+  prompt_len = cache_mask.shape[1] - n
+  eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+
+  first = _select(last_logits, jax.random.fold_in(key, 0), cfg.temperature, cfg.top_p)
+  tokens = jnp.full((b, n), cfg.pad_id, jnp.int32).at[:, 0].set(first)
+  done = jnp.isin(first, eos)
+  lengths = jnp.ones((b,), jnp.int32)
+
+  def cond(state):
+    step, _, done, *_ = state
+    return (step < n) & ~jnp.all(done)
+
+  def body(state):
+    step, tokens, done, lengths, cache, cache_mask, pos = state
+    prev = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)  # [B,1]
+    cache_mask = jax.lax.dynamic_update_slice_in_dim(
+        cache_mask, jnp.ones((b, 1), jnp.int32), prompt_len + step - 1, axis=1)
+    logits, cache = dec(inputs_embeds=dec.embed(prev), positions=pos[:, None],
+                        attention_mask=cache_mask, cache=cache)
+    tok = _select(logits[:, -1], jax.random.fold_in(key, step), cfg.temperature, cfg.top_p)
+    tok = jnp.where(done, cfg.pad_id, tok)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | jnp.isin(tok, eos)
+    return step + 1, tokens, done, lengths, cache, cache_mask, pos + 1
+
+  init = (jnp.ones((), jnp.int32), tokens, done, lengths, cache, cache_mask, pos)
+  _, tokens, done, lengths, *_ = jax.lax.while_loop(cond, body, init)
+  return tokens, lengths
+
+
+def _prepare(model, inputs: Mapping[str, Any], mesh: Mesh | None):
+  """Picks the prompt keys, pads the batch to the mesh's batch shards, places it sharded."""
+  keys = PROMPT_KEYS_VISION if is_vision_model(model) else PROMPT_KEYS_TEXT
+  missing = [k for k in keys if k not in inputs]
+  if missing:
+    raise KeyError(f"generate: prompt batch lacks {missing}")
+  arrays = {k: np.asarray(inputs[k]) for k in keys}
+  b = arrays["input_ids"].shape[0]
+  shards = sharding_lib.batch_shards(mesh) if mesh is not None else 1
+  pad = (-b) % shards
+  if pad:
+    arrays = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in
+              arrays.items()}
+  arrays["input_ids"] = arrays["input_ids"].astype(np.int32)
+  arrays["attention_mask"] = arrays["attention_mask"].astype(np.int32)
+  if mesh is not None:
+    placed = {k: jax.device_put(v, sharding_lib.batch_sharding(mesh, v.ndim))
+              for k, v in arrays.items()}
+  else:
+    placed = {k: jnp.asarray(v) for k, v in arrays.items()}
+  return placed, b
+
+
+def _mesh_of(model) -> Mesh | None:
+  """The mesh the model's parameters live on (None when they are not NamedSharded)."""
+  for leaf in jax.tree.leaves(nnx.state(model)):
+    s = getattr(leaf, "sharding", None)
+    if isinstance(s, NamedSharding):
+      return s.mesh
+  return None
+
+
+def generate(model: nnx.Module, inputs: Mapping[str, Any], cfg: SamplingConfig,
+             mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Generates up to ``cfg.max_new_tokens`` tokens for every left-padded prompt row.
+
+  Returns ``(tokens [B, max_new_tokens] int32, lengths [B])``: ``lengths`` counts tokens up to
+  and including EOS; positions after it hold ``cfg.pad_id``.
+  """
+  mesh = mesh if mesh is not None else _mesh_of(model)
+  placed, b = _prepare(model, inputs, mesh)
+  graphdef, state = nnx.split(model)
+  key = jax.random.key(cfg.seed)
+  if mesh is not None:
+    with jax.set_mesh(mesh):
+      tokens, lengths = _generate_jit(graphdef, state, placed, key, cfg=cfg, mesh=mesh)
+  else:
+    tokens, lengths = _generate_jit(graphdef, state, placed, key, cfg=cfg, mesh=None)
+  return np.asarray(tokens)[:b], np.asarray(lengths)[:b]
+
+
+def decode_tokens(tokenizer, tokens: np.ndarray, lengths: np.ndarray,
+                  eos_ids: Sequence[int] = ()) -> list[str]:
+  """Token rows -> answer strings (EOS and everything after it dropped)."""
+  out = []
+  eos = set(int(e) for e in eos_ids)
+  for row, n in zip(np.asarray(tokens), np.asarray(lengths)):
+    ids = [int(t) for t in row[:int(n)]]
+    if ids and ids[-1] in eos:
+      ids = ids[:-1]
+    out.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+  return out
+
+
+# --- closed-set scoring ------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def _score_jit(graphdef, state, inputs, cand_ids, cand_mask, *, mesh: Mesh | None):
+  """Sum of log-probs of every candidate ``[C, Lc]`` after every prompt row -> ``[B, C]``."""
+  model = nnx.merge(graphdef, state)
+  dec = decoder_of(model)
+  c, lc = cand_ids.shape
+  last_logits, cache, cache_mask, pos = _prefill(model, inputs, lc, mesh)
+  b = last_logits.shape[0]
+  first_lp = jax.nn.log_softmax(last_logits.astype(jnp.float32), axis=-1)  # [B, V]
+  prompt_len = cache_mask.shape[1] - lc
+
+  def one(args):
+    ids, m = args  # [Lc], [Lc]
+    ids_b = jnp.broadcast_to(ids, (b, lc))
+    m_b = jnp.broadcast_to(m, (b, lc)).astype(jnp.int32)
+    full_mask = jax.lax.dynamic_update_slice_in_dim(cache_mask, m_b, prompt_len, axis=1)
+    positions = pos[:, None] + jnp.arange(lc, dtype=jnp.int32)[None]
+    logits, _ = dec(inputs_embeds=dec.embed(ids_b), positions=positions,
+                    attention_mask=full_mask, cache=cache)
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, Lc, V]
+    # token j is predicted by the logits at j-1 (j = 0 by the prefill's last logits).
+    tok_lp = jnp.concatenate([
+        first_lp[:, ids[0]][:, None],
+        jnp.take_along_axis(lp[:, :-1], ids_b[:, 1:, None], axis=-1)[..., 0]], axis=1)
+    return jnp.sum(tok_lp * m_b, axis=1)
+
+  sums = jax.lax.map(one, (cand_ids, cand_mask))  # [C, B]
+  return sums.T
+
+
+def encode_candidates(tokenizer, candidates: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """Candidate answer strings -> right-padded ``ids [C, Lc]`` and ``mask [C, Lc]``."""
+  if not candidates:
+    raise ValueError("score: no candidates")
+  enc = [tokenizer.encode(c, add_special_tokens=False) for c in candidates]
+  empty = [c for c, e in zip(candidates, enc) if not e]
+  if empty:
+    raise ValueError(f"score: candidates {empty} tokenize to nothing")
+  lc = max(len(e) for e in enc)
+  ids = np.zeros((len(enc), lc), np.int32)
+  mask = np.zeros((len(enc), lc), np.int32)
+  for i, e in enumerate(enc):
+    ids[i, :len(e)] = e
+    mask[i, :len(e)] = 1
+  return ids, mask
+
+
+@dataclasses.dataclass
+class Scores:
+  """Per-row candidate scores: ``log_likelihood [B, C]`` (the chosen reduction),
+  ``probs [B, C]`` (softmax over candidates) and ``pred [B]`` (argmax index)."""
+  log_likelihood: np.ndarray
+  probs: np.ndarray
+  pred: np.ndarray
+
+
+def score_candidates(model: nnx.Module, inputs: Mapping[str, Any], cand_ids: np.ndarray,
+                     cand_mask: np.ndarray, *, reduction: str = "sum",
+                     mesh: Mesh | None = None) -> Scores:
+  """Scores every candidate continuation after every prompt row (see module docstring)."""
+  if reduction not in ("sum", "mean"):
+    raise ValueError(f"score: reduction must be 'sum' or 'mean', got {reduction!r}")
+  mesh = mesh if mesh is not None else _mesh_of(model)
+  placed, b = _prepare(model, inputs, mesh)
+  graphdef, state = nnx.split(model)
+  ids = jnp.asarray(cand_ids, jnp.int32)
+  m = jnp.asarray(cand_mask, jnp.int32)
+  if mesh is not None:
+    with jax.set_mesh(mesh):
+      sums = _score_jit(graphdef, state, placed, ids, m, mesh=mesh)
+  else:
+    sums = _score_jit(graphdef, state, placed, ids, m, mesh=None)
+  sums = np.asarray(sums, np.float64)[:b]
+  if reduction == "mean":
+    sums = sums / np.asarray(cand_mask).sum(1)[None]
+  z = sums - sums.max(1, keepdims=True)
+  probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+  return Scores(log_likelihood=sums, probs=probs, pred=sums.argmax(1))

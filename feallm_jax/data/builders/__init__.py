@@ -46,6 +46,9 @@ def make_builder(name: str, data_dir: str, *, config: str | None = None,
     by_name = {c.name: c for c in cls.BUILDER_CONFIGS}
     cfg_name = config or cls.BUILDER_CONFIGS[0].name
     if cfg_name not in by_name:
+      built = _built_custom(name, data_dir, cfg_name)
+      if built is not None and not overrides:
+        return built
       raise ValueError(f"{name}: unknown config {cfg_name!r}; known: {sorted(by_name)}")
     cfg = by_name[cfg_name]
     if overrides:
@@ -53,12 +56,28 @@ def make_builder(name: str, data_dir: str, *, config: str | None = None,
       unknown = set(overrides) - fields
       if unknown:
         raise ValueError(f"{name}/{cfg_name}: no config fields {sorted(unknown)}")
-      cfg = dataclasses.replace(cfg, **overrides)
+      # tfds refuses a changed config under a known name: the overrides go into the name,
+      # e.g. default_num_train1000 (use it as config.data.builder_config).
+      suffix = "_".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+      cfg = dataclasses.replace(cfg, name=f"{cfg_name}_{suffix}", **overrides)
   elif config:
     raise ValueError(f"{name} has no builder configs (got config={config!r})")
   elif overrides:
     raise ValueError(f"{name} has no config fields to override ({sorted(overrides)})")
   return cls(data_dir=data_dir, config=cfg, **kwargs)
+
+
+def _built_custom(name: str, data_dir: str, cfg_name: str):
+  """A builder read back from disk for a config built earlier with overrides."""
+  import tensorflow_datasets as tfds
+  root = os.path.join(data_dir, name, cfg_name)
+  if not os.path.isdir(root):
+    return None
+  versions = sorted(v for v in os.listdir(root) if v[:1].isdigit())
+  if not versions:
+    return None
+  builder_class(name)   # registers the features' module
+  return tfds.builder_from_directory(os.path.join(root, versions[-1]))
 
 
 def build(name: str, data_dir: str, *, config: str | None = None, manual_dir: str | None = None,
@@ -94,6 +113,6 @@ def build(name: str, data_dir: str, *, config: str | None = None, manual_dir: st
     b.skips.counts.update({(s, r): n for s, d in old["counts"].items() for r, n in d.items()})
   return dict(
       name=name, config=b.builder_config.name if b.builder_config else None,
-      path=b.data_dir, reused=existed,
+      data_dir=data_dir, path=b.data_dir, reused=existed,
       splits={s: int(info.num_examples) for s, info in b.info.splits.items()},
       skipped=b.skips.by_reason(), skipped_total=b.skips.total(), seconds=round(secs, 2))

@@ -294,6 +294,10 @@ class FeaBuilder(tfds.core.GeneratorBasedBuilder):
         continue
       n += 1
       yield key, rec
+    if n == 0:   # tfds cannot write an empty split; say why instead of its bare assertion
+      raise ValueError(f"{self.name}/{split}: no usable example; "
+                       f"skipped {self.skips.by_reason().get(split, {})}: "
+                       f"{self.skips.examples.get(split, [])[:3]}")
     log.info("%s/%s: %d examples, %d skipped", self.name, split, n, self.skips.total(split))
     if self.skips.total(split):
       log.warning("%s/%s: skipped %s", self.name, split, self.skips.by_reason()[split])

@@ -338,6 +338,9 @@ def train_dataset(config, *, split: str = "train", seed: int | None = None,
   ds = ds.batch(d.batch_size // pc, drop_remainder=True)
   it = ds.to_iter_dataset()
   if d.num_workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():   # notebooks/pytest: Grain reads its absl flags in workers
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
         num_workers=int(d.num_workers), per_worker_buffer_size=2))
   return it

@@ -60,6 +60,10 @@ def make_builder(name: str, data_dir: str, *, config: str | None = None,
       # e.g. default_num_train1000 (use it as config.data.builder_config).
       suffix = "_".join(f"{k}{v}" for k, v in sorted(overrides.items()))
       cfg = dataclasses.replace(cfg, name=f"{cfg_name}_{suffix}", **overrides)
+    else:
+      # By name: a pickled data source (Grain workers) re-creates the builder from its
+      # arguments, and tfds rejects a config *object* that merely equals a registered one.
+      cfg = cfg_name
   elif config:
     raise ValueError(f"{name} has no builder configs (got config={config!r})")
   elif overrides:

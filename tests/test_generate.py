@@ -95,15 +95,15 @@ def test_eos_stops_each_row(decoder):
 
 def test_sampling_seeded_and_nucleus(decoder):
   batch = _left_pad(PROMPTS)
-  greedy, _ = gen.generate(decoder, batch, gen.SamplingConfig(max_new_tokens=6))
-  a, _ = gen.generate(decoder, batch, gen.SamplingConfig(max_new_tokens=6, temperature=1.5, seed=3))
-  b, _ = gen.generate(decoder, batch, gen.SamplingConfig(max_new_tokens=6, temperature=1.5, seed=3))
-  c, _ = gen.generate(decoder, batch, gen.SamplingConfig(max_new_tokens=6, temperature=1.5, seed=4))
+  greedy, _ = gen.generate(decoder, batch, gen.SamplingConfig(max_new_tokens=8))
+  a, _ = gen.generate(decoder, batch, gen.SamplingConfig(max_new_tokens=8, temperature=1.5, seed=3))
+  b, _ = gen.generate(decoder, batch, gen.SamplingConfig(max_new_tokens=8, temperature=1.5, seed=3))
+  c, _ = gen.generate(decoder, batch, gen.SamplingConfig(max_new_tokens=8, temperature=1.5, seed=4))
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
   assert not np.array_equal(a, greedy)  # a random 64-token model at T=1.5 is near uniform
   # A tiny nucleus keeps only the top token: sampling becomes greedy.
-  nucleus, _ = gen.generate(decoder, batch, gen.SamplingConfig(max_new_tokens=6, temperature=1.5,
+  nucleus, _ = gen.generate(decoder, batch, gen.SamplingConfig(max_new_tokens=8, temperature=1.5,
                                                               top_p=1e-6, seed=3))
   np.testing.assert_array_equal(nucleus, greedy)
 
@@ -111,7 +111,7 @@ def test_sampling_seeded_and_nucleus(decoder):
 def test_select_top_p_support():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 400)
-  draws = jax.vmap(lambda k: gen._select(logits, k, 1.0, 0.7))(keys)[:, 0]
+  draws = jax.vmap(lambda k: gen._select(logits, k, 1.0, 0.7, greedy=False, nucleus=True))(keys)[:, 0]
   # nucleus of 0.7: tokens 0 (0.5) and 1 (mass above it 0.5 < 0.7) only.
   assert set(np.asarray(draws).tolist()) == {0, 1}
 
@@ -177,3 +177,64 @@ def test_scoring_ranks_right_label_after_overfitting(mesh8):
     s = gen.score_candidates(dec, _left_pad(prompts), cids, cmask, reduction=reduction)
     np.testing.assert_array_equal(s.pred, [0, 1, 2, 3])
     assert np.all(s.probs[np.arange(4), np.arange(4)] > 0.5)
+
+
+# --- FEALLM: image + prompt --------------------------------------------------------------------
+
+IMG_ID = 5
+
+
+def _tiny_feallm(mesh):
+  """Built eagerly (tiny): skips build_model's jitted init, which costs a long CPU compile."""
+  from feallm_jax.models import feallm, local_clues, lora, vision
+  spec = feallm.FEALLMSpec(
+      vision=vision.VisionConfig(image_size=16, patch_size=8, hidden_size=16,
+                                 intermediate_size=32, num_layers=2, num_heads=2),
+      llm=llm.LLMConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
+                        num_heads=2, num_kv_heads=1, head_dim=16),
+      image_token_id=IMG_ID,
+      lca=local_clues.LCAConfig(crop_size=8, depth=1, width=8, groups=2, num_heads=2),
+      projector_heads=2, feature_layer=-2, multi_layers=(1, 2), train_llm="lora",
+      lora=lora.LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
+  with sharding.mesh_rules(mesh):
+    return feallm.FEALLM(spec, rngs=nnx.Rngs(3))
+
+
+@nnx.jit
+def _feallm_forward(model, batch):
+  out = model(batch)
+  return out["logits"], out["mask"]
+
+
+def test_feallm_greedy_equals_full_forward_argmax(devices):
+  model = _tiny_feallm(sharding.single_device_mesh())
+  texts = [[9, IMG_ID, 11, 12, 13, 14], [IMG_ID, 20], [30, 31, IMG_ID, 33]]
+  rng = np.random.default_rng(0)
+  b = len(texts)
+  image = rng.normal(size=(b, 16, 16, 3)).astype(np.float32)
+  y0, x0 = rng.uniform(0, 0.6, (2, b, 16))
+  regions = np.stack([y0, x0, y0 + 0.3, x0 + 0.3], -1).astype(np.float32)
+  n = 6
+  batch = dict(image=image, regions=regions, **_left_pad(texts))
+  tokens, _ = gen.generate(model, batch, gen.SamplingConfig(max_new_tokens=n))
+
+  seqs = [list(t) for t in texts]
+  width = max(len(t) for t in texts) + n
+  for _ in range(n):
+    ids = np.zeros((b, width), np.int32)
+    att = np.zeros((b, width), np.int32)
+    for i, sq in enumerate(seqs):
+      ids[i, :len(sq)] = sq
+      att[i, :len(sq)] = 1
+    logits, mask = _feallm_forward(model, dict(image=jnp.asarray(image), regions=jnp.asarray(regions),
+                                              input_ids=jnp.asarray(ids),
+                                              attention_mask=jnp.asarray(att)))
+    logits, mask = np.asarray(logits), np.asarray(mask)
+    for i, sq in enumerate(seqs):
+      sq.append(int(logits[i, mask[i].sum() - 1].argmax()))
+  assert tokens.tolist() == [sq[len(t):] for sq, t in zip(seqs, texts)]
+  # Scoring a candidate = the greedy continuation gives the top score among distractors.
+  cands = np.array([tokens[0, :2], [1, 2], [3, 4]], np.int32)
+  s = gen.score_candidates(model, {k: v[:1] for k, v in batch.items()}, cands,
+                           np.ones_like(cands))
+  assert s.pred[0] == 0

@@ -115,12 +115,13 @@ def _prefill(model, inputs, extra_len: int, mesh: Mesh | None):
   return logits[:, -1], cache, cache_mask, next_pos
 
 
-def _select(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
-  """Greedy argmax, or a sample from the temperature-scaled nucleus."""
-  if temperature == 0:
+def _select(logits: jax.Array, key: jax.Array, temperature, top_p, *, greedy: bool,
+            nucleus: bool) -> jax.Array:
+  """Greedy argmax, or a sample from the temperature-scaled (nucleus-truncated) distribution."""
+  if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / temperature
-  if top_p < 1:
+  if nucleus:
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -131,18 +132,23 @@ def _select(logits: jax.Array, key: jax.Array, temperature: float, top_p: float)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
-def _generate_jit(graphdef, state, inputs, key, *, cfg: SamplingConfig, mesh: Mesh | None):
+# Only what changes shapes or code is static: seeds, EOS ids, temperature and top-p values are
+# traced, so changing them never recompiles.
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "nucleus",
+                                             "mesh"))
+def _generate_jit(graphdef, state, inputs, key, eos, pad_id, temperature, top_p, *,
+                  max_new_tokens: int, greedy: bool, nucleus: bool, mesh: Mesh | None):
   model = nnx.merge(graphdef, state)
   dec = decoder_of(model)
-  n = cfg.max_new_tokens
+  n = max_new_tokens
+  select = functools.partial(_select, temperature=temperature, top_p=top_p, greedy=greedy,
+                             nucleus=nucleus)
   last_logits, cache, cache_mask, pos = _prefill(model, inputs, n, mesh)
   b = last_logits.shape[0]
   prompt_len = cache_mask.shape[1] - n
-  eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
 
-  first = _select(last_logits, jax.random.fold_in(key, 0), cfg.temperature, cfg.top_p)
-  tokens = jnp.full((b, n), cfg.pad_id, jnp.int32).at[:, 0].set(first)
+  first = select(last_logits, jax.random.fold_in(key, 0))
+  tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, eos)
   lengths = jnp.ones((b,), jnp.int32)
 
@@ -157,8 +163,8 @@ def _generate_jit(graphdef, state, inputs, key, *, cfg: SamplingConfig, mesh: Me
         cache_mask, jnp.ones((b, 1), jnp.int32), prompt_len + step - 1, axis=1)
     logits, cache = dec(inputs_embeds=dec.embed(prev), positions=pos[:, None],
                         attention_mask=cache_mask, cache=cache)
-    tok = _select(logits[:, -1], jax.random.fold_in(key, step), cfg.temperature, cfg.top_p)
-    tok = jnp.where(done, cfg.pad_id, tok)
+    tok = select(logits[:, -1], jax.random.fold_in(key, step))
+    tok = jnp.where(done, pad_id, tok)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(tok, eos)
@@ -211,12 +217,16 @@ def generate(model: nnx.Module, inputs: Mapping[str, Any], cfg: SamplingConfig,
   mesh = mesh if mesh is not None else _mesh_of(model)
   placed, b = _prepare(model, inputs, mesh)
   graphdef, state = nnx.split(model)
-  key = jax.random.key(cfg.seed)
+  args = (graphdef, state, placed, jax.random.key(cfg.seed),
+          jnp.asarray(cfg.eos_ids or (-1,), jnp.int32), jnp.int32(cfg.pad_id),
+          jnp.float32(max(cfg.temperature, 1e-6)), jnp.float32(cfg.top_p))
+  kw = dict(max_new_tokens=cfg.max_new_tokens, greedy=cfg.temperature == 0,
+            nucleus=cfg.top_p < 1, mesh=mesh)
   if mesh is not None:
     with jax.set_mesh(mesh):
-      tokens, lengths = _generate_jit(graphdef, state, placed, key, cfg=cfg, mesh=mesh)
+      tokens, lengths = _generate_jit(*args, **kw)
   else:
-    tokens, lengths = _generate_jit(graphdef, state, placed, key, cfg=cfg, mesh=None)
+    tokens, lengths = _generate_jit(*args, **kw)
   return np.asarray(tokens)[:b], np.asarray(lengths)[:b]
 
 

@@ -118,3 +118,13 @@ def torch_vision_hidden(path: str, pixels_nhwc: np.ndarray, full_clip: bool = Fa
 def rel_err(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def jit_apply(module, *args, **kwargs):
+  """Runs ``module(*args, **kwargs)`` under one jit (split/merge): one compile instead of many
+  small eager ones, which keeps the CPU tests fast."""
+  import jax
+  from flax import nnx
+
+  graphdef, state = nnx.split(module)
+  return jax.jit(lambda s, a, k: nnx.merge(graphdef, s)(*a, **k))(state, args, kwargs)

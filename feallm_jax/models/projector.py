@@ -46,8 +46,8 @@ class MLPProjector(nnx.Module):
 class CrossAttention(nnx.Module):
   """Multi-head attention of ``x`` over ``context`` (self-attention when context is x)."""
 
-  def __init__(self, width: int, num_heads: int, *, dtype: Dtype, param_dtype: Dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, width: int, num_heads: int, *, self_attention: bool = False, dtype: Dtype,
+               param_dtype: Dtype, rngs: nnx.Rngs):
     if width % num_heads:
       raise ValueError(f"model.projector_heads={num_heads} does not divide the vision width "
                        f"{width}")
@@ -55,7 +55,9 @@ class CrossAttention(nnx.Module):
     dense = lambda ax: layers.Dense(width, width, axes=ax, use_bias=True, dtype=dtype,
                                     param_dtype=param_dtype, rngs=rngs)
     self.q_norm = layers.LayerNorm(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.kv_norm = layers.LayerNorm(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # Self-attention reads the same normalized x for queries and keys: no second norm.
+    self.kv_norm = (None if self_attention else
+                    layers.LayerNorm(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
     self.q = dense(("proj_embed", "proj_heads"))
     self.k = dense(("proj_embed", "proj_heads"))
     self.v = dense(("proj_embed", "proj_heads"))
@@ -66,6 +68,8 @@ class CrossAttention(nnx.Module):
     b, t, d = x.shape
     h = self.num_heads
     xq = self.q_norm(x)
+    if (context is None) != (self.kv_norm is None):
+      raise ValueError("CrossAttention: pass a context exactly when built as cross-attention")
     kv = xq if context is None else self.kv_norm(context)
     s = kv.shape[1]
     q = self.q(xq).reshape(b, t, h, d // h)
@@ -86,7 +90,7 @@ class MultiPerspectiveProjector(nnx.Module):
     self.local_clues = local_clues
     self.global_attn = CrossAttention(vision_width, num_heads, **kw)
     self.local_attn = CrossAttention(vision_width, num_heads, **kw) if local_clues else None
-    self.self_attn = CrossAttention(vision_width, num_heads, **kw)
+    self.self_attn = CrossAttention(vision_width, num_heads, self_attention=True, **kw)
     self.mlp_norm = layers.LayerNorm(vision_width, **kw)
     self.mlp = MLPProjector(vision_width, llm_width, **kw)
 

@@ -107,16 +107,21 @@ def _tokenizer_info(config, vocab_size: int) -> tuple[int, int]:
 
 def _backbone_configs(config) -> tuple[vision_lib.VisionConfig, dict]:
   m = config.model
-  if m.get("base_checkpoint", ""):
+  base = m.get("base_checkpoint", "")
+  meta = {}
+  if base:
     from feallm_jax.weights import base_checkpoint
-    meta = base_checkpoint.read_meta(m.base_checkpoint)
-    return vision_lib.VisionConfig.from_dict(meta["vision"]), dict(meta["llm"])
-  if m.vision.get("hf_path", ""):
+    meta = base_checkpoint.read_meta(base)   # a tower the checkpoint lacks comes from config
+  if meta.get("vision_hf_config"):
+    vcfg = vision_lib.VisionConfig.from_hf(meta["vision_hf_config"])
+  elif m.vision.get("hf_path", ""):
     from feallm_jax.weights import hf
     vcfg = hf.vision_config_from_dir(m.vision.hf_path)
   else:
     vcfg = vision_lib.VisionConfig.from_dict(m.vision)
-  if m.llm.get("hf_path", ""):
+  if meta.get("llm_hf_config"):
+    lcfg = dataclasses.asdict(llm_lib.LLMConfig.from_hf(meta["llm_hf_config"]))
+  elif m.llm.get("hf_path", ""):
     from feallm_jax.weights import hf
     lcfg = dataclasses.asdict(hf.llm_config_from_dir(m.llm.hf_path))
   else:
@@ -337,8 +342,12 @@ def build_from_spec(spec: FEALLMSpec, mesh, *, rngs: nnx.Rngs | int | None = Non
   # A concrete key, so the init below can run under jit (an Rngs object cannot be closed over).
   key = rngs.params() if isinstance(rngs, nnx.Rngs) else jax.random.key(rngs or 0)
   make = lambda: FEALLM(spec, rngs=nnx.Rngs(params=key))
-  load_vision = bool(vision_path or base_checkpoint)
-  load_llm = bool(llm_path or base_checkpoint)
+  meta = {}
+  if base_checkpoint:
+    from feallm_jax.weights import base_checkpoint as bc
+    meta = bc.read_meta(base_checkpoint)
+  load_vision = bool(vision_path or meta.get("vision_hf_config"))
+  load_llm = bool(llm_path or meta.get("llm_hf_config"))
   with sharding.mesh_rules(mesh):
     model = nnx.eval_shape(make)
     sharding.validate_rules(model, mesh)     # fail fast, before any allocation
@@ -349,14 +358,13 @@ def build_from_spec(spec: FEALLMSpec, mesh, *, rngs: nnx.Rngs | int | None = Non
     init_state = nnx.jit(lambda: nnx.state(make(), wanted))()
     nnx.update(model, init_state)
     if base_checkpoint:
-      from feallm_jax.weights import base_checkpoint as bc
-      bc.restore_into(base_checkpoint, model.vision, model.llm)
-    else:
-      from feallm_jax.weights import hf
-      if vision_path:
-        hf.load_vision_weights(model.vision, vision_path)
-      if llm_path:
-        hf.load_llm_weights(model.llm, llm_path)
+      bc.restore_into(base_checkpoint, model.vision if meta.get("vision_hf_config") else None,
+                      model.llm if meta.get("llm_hf_config") else None)
+    from feallm_jax.weights import hf
+    if vision_path and not meta.get("vision_hf_config"):
+      hf.load_vision_weights(model.vision, vision_path)
+    if llm_path and not meta.get("llm_hf_config"):
+      hf.load_llm_weights(model.llm, llm_path)
   missing = [("/".join(map(str, p))) for p, v in nnx.to_flat_state(nnx.state(model))
              if isinstance(v, nnx.Variable) and isinstance(v.get_value(), jax.ShapeDtypeStruct)]
   if missing:
@@ -373,8 +381,7 @@ def build_model(config, mesh, *, rngs: nnx.Rngs | None = None) -> FEALLM:
   m = config.model
   base = m.get("base_checkpoint", "")
   return build_from_spec(spec, mesh, rngs=rngs if rngs is not None else int(config.get("seed", 0)),
-                         vision_path="" if base else m.vision.get("hf_path", ""),
-                         llm_path="" if base else m.llm.get("hf_path", ""),
+                         vision_path=m.vision.get("hf_path", ""), llm_path=m.llm.get("hf_path", ""),
                          base_checkpoint=base)
 
 

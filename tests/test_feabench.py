@@ -1,0 +1,199 @@
+"""FEABench: metrics assembly, suites, checkpoint resolution, and an end-to-end CLI run on a tiny
+checkpoint saved through train/checkpoint.py (every output file and metric present)."""
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from feallm_jax.data import facs
+from feallm_jax.eval import feabench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_CONFIG = '''
+import os, sys
+sys.path.insert(0, {configs!r})
+import tiny_synthetic
+
+
+def get_config():
+  c = tiny_synthetic.get_config()
+  c.data.data_dir = {data_dir!r}
+  c.data.builder_config = "small"
+  c.data.batch_size = 8
+  c.data.max_len = 48
+  c.model.vision.update(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                        num_layers=2, num_heads=2)
+  c.model.multi_layers = (1, 2)
+  c.model.llm.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                     num_kv_heads=1, head_dim=16)
+  c.model.lca.update(crop_size=8, depth=1, width=8, num_heads=2)
+  c.model.projector_heads = 2
+  c.eval.update(num_samples=3, max_new_tokens=6, batch_size=16)
+  return c
+'''
+
+
+def _load_config(path):
+  spec = importlib.util.spec_from_file_location("tiny_eval_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, devices):
+  """A tiny model's initial weights saved as step 1 of a training workdir."""
+  from feallm_jax import sharding
+  from feallm_jax.models import feallm
+  from feallm_jax.train import checkpoint as ckpt_lib
+  from feallm_jax.train import step as step_lib
+  tmp = tmp_path_factory.mktemp("feabench")
+  cfg_path = tmp / "tiny_eval.py"
+  cfg_path.write_text(TINY_CONFIG.format(configs=os.path.join(ROOT, "configs"),
+                                         data_dir=str(tmp / "data")))
+  config = _load_config(str(cfg_path))
+  workdir = str(tmp / "run")
+  mesh = sharding.make_mesh(dict(config.mesh))
+  model = feallm.build_model(config, mesh)
+  trainer = step_lib.Trainer(config, model, mesh, loss_fn=feallm.loss_fn,
+                             trainable=feallm.trainable_filter(config))
+  ckpt = ckpt_lib.Checkpointer(workdir, config)
+  ckpt.save(1, trainer.initial_state())
+  ckpt.close()
+  return dict(config=config, cfg_path=str(cfg_path), workdir=workdir, tmp=tmp)
+
+
+def test_cli_end_to_end_writes_every_output(run, capsys):
+  spec = importlib.util.spec_from_file_location("eval_feabench_cli",
+                                                os.path.join(ROOT, "launch", "eval_feabench.py"))
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  out_dir = str(run["tmp"] / "out")
+  cli.FLAGS([ "eval_feabench", f"--config={run['cfg_path']}", f"--workdir={run['workdir']}",
+             "--suites=synthetic_fea", "--mode=generate", f"--out_dir={out_dir}",
+             "--noprogress"])
+  cli.main(["eval_feabench"])
+  printed = capsys.readouterr().out
+  assert "| synthetic_fea | fer |" in printed
+
+  with open(os.path.join(out_dir, "results.json")) as f:
+    results = json.load(f)
+  assert results["meta"]["step"] == 1 and results["meta"]["mode"] == "generate"
+  suite = results["suites"]["synthetic_fea"]
+  assert set(suite["summary"]) == {"fer", "aur", "joint", "reasoning"}
+  assert suite["num_samples"] == 12  # 3 records x 4 tasks
+  s = suite["summary"]
+  for task in ("fer", "joint", "reasoning"):
+    for key in ("accuracy", "macro_f1", "uar", "emotion_unparsed"):
+      assert key in s[task], (task, key)
+    emo = suite["tasks"][task]["emotion"]
+    assert np.asarray(emo["confusion"]).shape == (7, 7)
+    # Unparsed answers are counted, never dropped: confusion + unparsed = all samples.
+    assert np.sum(emo["confusion"]) + emo["unparsed"] == emo["num_samples"] == 3
+  for task in ("aur", "joint", "reasoning"):
+    assert "au_mean_f1" in s[task] and "aus_unparsed" in s[task]
+    assert set(suite["tasks"][task]["aus"]["per_au_f1"]) >= {"AU6", "AU12"}
+  assert 0 <= s["reasoning"]["rouge_l"] <= 1 and 0 <= s["reasoning"]["emfacs_consistency"] <= 1
+
+  with open(os.path.join(out_dir, "predictions_synthetic_fea.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == 12 and all(isinstance(r["prediction"], str) for r in rows)
+  for task in ("fer", "joint", "reasoning"):
+    png = os.path.join(out_dir, f"confusion_synthetic_fea_{task}.png")
+    with open(png, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(os.path.join(out_dir, "results.md")) as f:
+    md = f.read()
+  assert "| synthetic_fea | reasoning |" in md and "per-AU F1" in md
+
+
+def test_score_mode_on_a_live_model(run):
+  """Closed-set scoring: every emotion gets a probability; nothing is unparsed."""
+  from feallm_jax.data import tokenizer as tok_lib
+  model, step = feabench.load_model(run["config"], run["workdir"])
+  assert step == 1
+  suite = feabench.Suite("synthetic_fea", "synthetic_fea", "test", ("fer",))
+  tok = tok_lib.load("")
+  from feallm_jax.eval import generate as gen
+  records = feabench.predict_suite(model, run["config"], suite, "score", tok,
+                                   gen.SamplingConfig(max_new_tokens=6), progress=False)
+  assert len(records) == 3
+  for r in records:
+    assert r["prediction"] is None  # no generation needed for FER in score mode
+    assert set(r["emotion_probs"]) == set(facs.RAF_DB)
+    assert sum(r["emotion_probs"].values()) == pytest.approx(1.0)
+    assert r["emotion_pred"] == max(r["emotion_probs"], key=r["emotion_probs"].get)
+  m = feabench.suite_metrics(records, suite, "score")
+  assert m["summary"]["fer"]["emotion_unparsed"] == 0
+
+
+def test_unbuilt_suite_names_builder_and_command(run):
+  from feallm_jax.data import tokenizer as tok_lib
+  from feallm_jax.eval import generate as gen
+  with pytest.raises(feabench.SuiteDataError, match=r"raf_db.*launch/build_dataset.py --dataset=raf_db"):
+    feabench.predict_suite(None, run["config"], feabench.SUITES["raf_db"], "generate",
+                           tok_lib.load(""), gen.SamplingConfig(), progress=False)
+
+
+def test_suite_metrics_hand_computed():
+  suite = feabench.SUITES["synthetic_fea"]
+  aus = (6, 12)
+  from feallm_jax.data import pipeline
+  au_set = pipeline.label_set("synthetic_fea")["aus"]
+
+  def ann(*present):
+    return [1 if a in present else 0 for a in au_set]
+
+  recs = [
+      dict(task="fer", emotion_true="happiness", emotion_pred="happiness"),
+      dict(task="fer", emotion_true="sadness", emotion_pred=None),
+      dict(task="fer", emotion_true="anger", emotion_pred="sadness"),
+      dict(task="aur", aus_true=[6, 12], au_annotation=ann(6, 12), aus_pred=[6]),
+      dict(task="aur", aus_true=[], au_annotation=ann(), aus_pred=None),
+      dict(task="reasoning", emotion_true="happiness", emotion_pred="happiness",
+           aus_true=[6, 12], au_annotation=ann(6, 12), aus_pred=[6, 12],
+           text_emotion="happiness", text_aus=[6, 12], rouge_l=0.5),
+      dict(task="reasoning", emotion_true="sadness", emotion_pred="sadness",
+           aus_true=[1], au_annotation=ann(1), aus_pred=None,
+           text_emotion="sadness", text_aus=None, rouge_l=0.25),
+  ]
+  m = feabench.suite_metrics(recs, suite, "generate")
+  s = m["summary"]
+  assert s["fer"]["accuracy"] == pytest.approx(1 / 3)
+  assert s["fer"]["emotion_unparsed"] == 1
+  assert s["aur"]["aus_unparsed"] == 1
+  per = m["tasks"]["aur"]["aus"]["per_au_f1"]
+  assert per["AU6"] == pytest.approx(1.0) and per["AU12"] == 0.0
+  assert s["reasoning"]["accuracy"] == 1.0
+  assert s["reasoning"]["rouge_l"] == pytest.approx(0.375)
+  assert m["tasks"]["reasoning"]["emfacs_consistency"] == dict(
+      rate=1.0, consistent=1, judged=1, not_judged=1)
+  assert aus  # (names used in the fixture)
+
+
+def test_candidate_ids_match_in_context_tokens():
+  from feallm_jax.data import tokenizer as tok_lib
+  tok = tok_lib.load("")
+  ids, mask = feabench.candidate_ids(tok, ["Happiness.", "Sadness."])
+  conv = [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "Happiness."}]
+  full, loss = tok_lib.encode_conversation(tok, conv)
+  answer = [int(t) for t, m in zip(full, loss) if m][:-1]  # drop the EOS
+  assert ids[0, :mask[0].sum()].tolist() == answer
+
+
+def test_resolve_checkpoint(tmp_path):
+  assert feabench.resolve_checkpoint("w", None) == ("w", None)
+  assert feabench.resolve_checkpoint("w", 7) == ("w", 7)
+  assert feabench.resolve_checkpoint("w", "12") == ("w", 12)
+  (tmp_path / "other" / "checkpoints" / "30").mkdir(parents=True)
+  assert feabench.resolve_checkpoint("w", str(tmp_path / "other")) == (str(tmp_path / "other"), None)
+  assert feabench.resolve_checkpoint("w", str(tmp_path / "other" / "checkpoints" / "30")) == (
+      str(tmp_path / "other"), 30)
+  with pytest.raises(FileNotFoundError, match="--checkpoint"):
+    feabench.resolve_checkpoint("w", str(tmp_path / "nope"))
+  with pytest.raises(ValueError, match="unknown suite"):
+    feabench.resolve_suites("synthetic_fea,nope")

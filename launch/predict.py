@@ -1,0 +1,176 @@
+"""Ask a trained FEALLM about one photo.
+
+  python launch/predict.py --workdir=runs/x --image=photo.jpg [--prompt="..."] [--explain]
+
+Finds the face (OpenCV Haar cascade; pass --aligned when the image already is a tight face
+crop), builds the 16 facial regions on the face crop, and prints the generated answer.
+--explain also ranks the regions by the attention the projector's visual tokens pay to them
+(falling back to the Local Clue Aggregator's region self-attention) and saves an overlay PNG.
+The config is read from the checkpoint unless --config is given. A file that is not an image,
+or a photo with no face, exits non-zero with a message before any model is loaded.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Optional configs/*.py (default: the run's).",
+                                lock_config=False)
+flags.DEFINE_string("workdir", None, "The training run's workdir.")
+flags.DEFINE_string("checkpoint", "", "Step, run workdir or checkpoints/<step> ('' = latest).")
+flags.DEFINE_string("image", None, "Photo to analyse.")
+flags.DEFINE_string("prompt", "What emotion does this person feel? Explain which action units "
+                    "indicate it.", "The question to ask.")
+flags.DEFINE_bool("aligned", False, "The image is already a tight, aligned face crop.")
+flags.DEFINE_bool("explain", False, "Rank facial regions by attention and save an overlay PNG.")
+flags.DEFINE_string("explain_out", "", "Overlay PNG path ('' = <image stem>_regions.png).")
+flags.DEFINE_integer("max_new_tokens", 0, "0 = config.eval.max_new_tokens.")
+flags.mark_flags_as_required(["workdir", "image"])
+FLAGS = flags.FLAGS
+
+EXIT_NOT_IMAGE, EXIT_NO_FACE, EXIT_NO_MODEL = 2, 3, 4
+
+
+def fail(code: int, message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def load_image(path: str):
+  """RGB uint8 array, or a clean exit naming the problem."""
+  import numpy as np
+  from PIL import Image, UnidentifiedImageError
+  if not os.path.isfile(path):
+    fail(EXIT_NOT_IMAGE, f"{path}: no such file")
+  try:
+    with Image.open(path) as im:
+      im.load()
+      return np.asarray(im.convert("RGB"))
+  except (UnidentifiedImageError, OSError, ValueError) as e:
+    fail(EXIT_NOT_IMAGE, f"{path}: not a readable image ({e})")
+
+
+def face_crop(rgb, path: str, aligned: bool):
+  """The face crop the model sees (the whole image when --aligned)."""
+  from feallm_jax.data import regions
+  if aligned:
+    return rgb
+  try:
+    box = regions.detect_face(rgb, path)
+  except regions.NoFaceError as e:
+    fail(EXIT_NO_FACE, f"{e}. If the image is already a cropped face, pass --aligned.")
+  return regions.crop_face(rgb, box)
+
+
+def run_config(workdir: str, checkpoint: str):
+  """The config stored with the run's checkpoint."""
+  import ml_collections
+  from feallm_jax.eval import feabench
+  from feallm_jax.train import checkpoint as ckpt_lib
+  run_dir, step = feabench.resolve_checkpoint(workdir, checkpoint or None)
+  if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    fail(EXIT_NO_MODEL, f"{run_dir}: no checkpoints/ (train first, or pass --workdir of a run)")
+  ckpt = ckpt_lib.Checkpointer(run_dir, ml_collections.ConfigDict({"train": {"keep": 1}}),
+                               read_only=True)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      fail(EXIT_NO_MODEL, f"{run_dir}: no checkpoint steps saved")
+    return ml_collections.ConfigDict(ckpt.read_config(step if step is not None else steps[-1]))
+  finally:
+    ckpt.manager.close()
+
+
+def region_scores(attention: dict):
+  """Mean attention each of the 16 regions receives (heads and queries averaged)."""
+  import numpy as np
+  if "regions" in attention:
+    a = np.asarray(attention["regions"], np.float64)[0]   # [heads, N_vis, 16]
+  elif "lca" in attention:
+    a = np.asarray(attention["lca"], np.float64)[0]       # [heads, 16, 16]
+  else:
+    return None
+  s = a.mean(axis=(0, 1))
+  return s / max(s.sum(), 1e-12)
+
+
+def overlay(path: str, face, boxes, scores, names, answer: str):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib import cm
+  h, w = face.shape[:2]
+  fig, ax = plt.subplots(figsize=(5, 5.6), dpi=120)
+  ax.imshow(face)
+  top = scores.max() if scores.max() > 0 else 1.0
+  order = scores.argsort()  # draw strongest last (on top)
+  for k in order:
+    y0, x0, y1, x1 = boxes[k]
+    c = cm.inferno(0.25 + 0.75 * scores[k] / top)
+    ax.add_patch(plt.Rectangle((x0 * w, y0 * h), (x1 - x0) * w, (y1 - y0) * h, fill=True,
+                               alpha=0.15 + 0.45 * scores[k] / top, color=c, lw=1.5))
+  for rank, k in enumerate(scores.argsort()[::-1][:3]):
+    y0, x0, _, _ = boxes[k]
+    ax.text(x0 * w + 1, y0 * h + 6, f"{rank + 1}. {names[k]}", color="white", fontsize=7,
+            bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0))
+  ax.set_axis_off()
+  ax.set_title(answer[:70] + ("…" if len(answer) > 70 else ""), fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Input checks first: a bad file fails in a second, before jax or a model is touched.
+  rgb = load_image(FLAGS.image)
+  face = face_crop(rgb, FLAGS.image, FLAGS.aligned)
+
+  import numpy as np
+  import cv2
+  config = FLAGS.config if FLAGS.config is not None else run_config(FLAGS.workdir,
+                                                                    FLAGS.checkpoint)
+  from feallm_jax.data import pipeline, regions, tokenizer as tok_lib
+  from feallm_jax.eval import feabench, generate as gen
+  size = int(config.model.vision.image_size)
+  x = cv2.resize(face, (size, size), interpolation=cv2.INTER_AREA if min(face.shape[:2]) > size
+                 else cv2.INTER_LINEAR).astype(np.float32) / 255.0
+  x = (x - pipeline.CLIP_MEAN) / pipeline.CLIP_STD
+  boxes = np.asarray(regions.canonical_boxes(), np.float32)
+  tok = tok_lib.load(config.data.get("tokenizer", ""))
+  conv = [{"from": "human", "value": f"{tok_lib.IMAGE_TOKEN}\n{FLAGS.prompt}"}]
+  ids, _, _ = tok_lib.encode_prompt(tok, conv)
+  batch = dict(image=x[None], regions=boxes[None], input_ids=ids[None].astype(np.int32),
+               attention_mask=np.ones((1, len(ids)), np.int32))
+  try:
+    model, step = feabench.load_model(config, FLAGS.workdir, FLAGS.checkpoint or None)
+  except FileNotFoundError as e:
+    fail(EXIT_NO_MODEL, str(e))
+  sampling = gen.SamplingConfig(
+      max_new_tokens=FLAGS.max_new_tokens or int(config.eval.get("max_new_tokens", 48)),
+      eos_ids=feabench.eos_ids(tok), pad_id=int(tok.pad_token_id))
+  tokens, lengths = gen.generate(model, batch, sampling)
+  answer = gen.decode_tokens(tok, tokens, lengths, sampling.eos_ids)[0]
+  print(answer)
+  if FLAGS.explain:
+    import jax
+    out = model({k: jax.numpy.asarray(v) for k, v in batch.items()}, return_attention=True)
+    scores = region_scores(out.get("attention", {}))
+    if scores is None:
+      print("(this model has no region attention: local clues are off)")
+      return
+    print("\nregions by attention:")
+    for rank, k in enumerate(scores.argsort()[::-1]):
+      print(f"  {rank + 1:2d}. {regions.REGION_NAMES[k]:<20s} {scores[k]:.3f}")
+    path = FLAGS.explain_out or os.path.splitext(os.path.basename(FLAGS.image))[0] + "_regions.png"
+    overlay(path, cv2.resize(face, (256, 256)), boxes, scores, regions.REGION_NAMES, answer)
+    print(f"overlay saved to {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -148,15 +148,43 @@ def _tree_restore(target: dict, partial: bool = False):
 # -- Grain iterator state ----------------------------------------------------------------------
 
 class _IteratorSnapshot:
-  """The iterator state taken *now*: grain's handler may run after the loop moved on."""
+  """The iterator state taken *now*: grain's handler may run after the loop moved on.
+
+  Accepts any iterator with ``get_state()`` (a Grain DatasetIterator's dict, a DataLoader's
+  bytes, or a wrapper around either); grain's handler writes the bytes per process.
+  """
 
   def __init__(self, iterator: Any):
     state = iterator.get_state()
-    self._bytes = (json.dumps(state, indent=2).encode()
-                   if isinstance(iterator, grain_dataset.DatasetIterator) else state)
+    if isinstance(state, str):
+      state = state.encode()
+    elif not isinstance(state, bytes):
+      state = json.dumps(state, indent=2).encode()
+    self._bytes = state
 
   def get_state(self) -> bytes:
     return self._bytes
+
+
+class _IteratorRestorer:
+  """Feeds grain's handler bytes back into an iterator whose state may be a dict."""
+
+  def __init__(self, iterator: Any):
+    self.iterator = iterator
+
+  def set_state(self, state: bytes):
+    wants_dict = not isinstance(self.iterator.get_state(), (bytes, str))
+    self.iterator.set_state(json.loads(state) if wants_dict else state)
+
+  def start_prefetch(self):
+    if hasattr(self.iterator, "start_prefetch"):
+      self.iterator.start_prefetch()
+
+
+def _iterator_restore_args(iterator: Any):
+  if isinstance(iterator, grain_dataset.DatasetIterator):
+    return grain_ckpt.CheckpointRestore(iterator)
+  return grain_ckpt.CheckpointRestore(_IteratorRestorer(iterator))
 
 
 # -- the manager ----------------------------------------------------------------------------
@@ -270,7 +298,7 @@ class Checkpointer:
         self.check_compatible(meta, shapes_table(abstract_state.params))
         items = dict(state=_tree_restore(target))
         if data_iterator is not None:
-          items["data"] = grain_ckpt.CheckpointRestore(data_iterator)
+          items["data"] = _iterator_restore_args(data_iterator)
         out = self.manager.restore(s, args=ocp.args.Composite(**items))
         restored = from_nested(out["state"], abstract_state)
       except CheckpointMismatchError:

@@ -74,6 +74,15 @@ def _check_config(config) -> None:
       raise ValueError(f"train.{key} must be positive, got {t[key]}")
   if int(t.get("max_bad_steps", 0)) < 0:
     raise ValueError(f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}")
+  if config.get("require_pretrained", False):
+    m = config.model
+    if not m.get("base_checkpoint", "") and not (m.vision.hf_path and m.llm.hf_path):
+      raise ValueError(
+          f"config {config.get('name', '')!r} trains adapters on pretrained backbones: set "
+          "--config.model.base_checkpoint=DIR (from launch/import_hf.py) or both "
+          "--config.model.vision.hf_path and --config.model.llm.hf_path to local HF dirs")
+    if not d.get("tokenizer", ""):
+      raise ValueError("set --config.data.tokenizer to the LLM's local HF tokenizer dir")
   pc = jax.process_count()
   if int(d.batch_size) % pc:
     raise ValueError(f"data.batch_size={d.batch_size} does not split over {pc} processes")

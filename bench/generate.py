@@ -1,0 +1,168 @@
+"""Decode throughput: our jitted KV-cache generation vs HF transformers' PyTorch LLaVA.
+
+  python bench/generate.py --config=configs/bench_small.py [--batch=8 --prompt_len=16 --new=32]
+
+Both models: random init at the config's dims, plain 2-layer MLP projector on the CLIP layer -2
+features (class token dropped: 196 visual tokens at 224/16), no Local Clue Aggregator, float32,
+greedy, exactly ``--new`` tokens (ours: no EOS id; HF: min_new_tokens = max_new_tokens). The
+prompt is one <image> (expanded to the visual tokens) plus ``--prompt_len`` text tokens.
+
+Measured: wall time of a whole generate call (vision + prefill + decode), after one warm-up
+call (so our compile time is excluded), median of ``--runs`` calls; the same for a
+1-new-token call (vision + prefill only). Decode tokens/s = batch * (new - 1) / (t_new - t_1);
+end-to-end tokens/s = batch * new / t_new. Prints one JSON object.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "configs/bench_small.py", lock_config=False)
+flags.DEFINE_integer("batch", 8, "Batch size.")
+flags.DEFINE_integer("prompt_len", 16, "Text tokens after the image.")
+flags.DEFINE_integer("new", 32, "New tokens per row.")
+flags.DEFINE_integer("runs", 3, "Timed runs per measurement (median).")
+flags.DEFINE_bool("torch", True, "Also measure HF transformers (PyTorch).")
+flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default).")
+FLAGS = flags.FLAGS
+
+# Dims of configs/bench_small.py, used when --config is not given.
+DEFAULT = dict(
+    vision=dict(image_size=224, patch_size=16, hidden_size=384, intermediate_size=1536,
+                num_layers=6, num_heads=6),
+    llm=dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
+             num_kv_heads=8, head_dim=64))
+
+
+def _config():
+  if FLAGS.config is not None:
+    c = FLAGS.config
+  else:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "configs"))
+    import tiny_synthetic
+    c = tiny_synthetic.get_config()
+    c.model.vision.update(DEFAULT["vision"])
+    c.model.llm.update(DEFAULT["llm"])
+  c.model.projector = "mlp"
+  c.model.local_clues = False
+  c.model.vision.hf_path = ""
+  c.model.llm.hf_path = ""
+  c.model.base_checkpoint = ""
+  c.model.param_dtype = c.model.frozen_dtype = c.model.compute_dtype = "float32"
+  if int(c.model.llm.get("vocab_size", 0)) <= 0:
+    c.model.llm.vocab_size = DEFAULT["llm"]["vocab_size"]
+  c.model.image_token_id = int(c.model.llm.vocab_size) - 1
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  return c
+
+
+def _median_time(fn, runs):
+  fn()  # warm-up (compile for jax)
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+def bench_jax(c, b, t, n, runs):
+  import jax
+  import numpy as np
+  from feallm_jax import sharding
+  from feallm_jax.eval import generate as gen
+  from feallm_jax.models import feallm
+  mesh = sharding.make_mesh(dict(c.mesh))
+  model = feallm.build_model(c, mesh)
+  s = int(c.model.vision.image_size)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(10, int(c.model.llm.vocab_size) - 1, (b, t + 1)).astype(np.int32)
+  ids[:, 0] = c.model.image_token_id
+  batch = dict(image=rng.normal(size=(b, s, s, 3)).astype(np.float32),
+               regions=np.zeros((b, 16, 4), np.float32), input_ids=ids,
+               attention_mask=np.ones_like(ids))
+
+  def run(k):
+    tokens, _ = gen.generate(model, batch, gen.SamplingConfig(max_new_tokens=k))
+    assert tokens.shape == (b, k)
+  t_n, all_n = _median_time(lambda: run(n), runs)
+  t_1, all_1 = _median_time(lambda: run(1), runs)
+  return dict(backend=f"jax {jax.__version__} ({jax.devices()[0].platform}, "
+                      f"{jax.device_count()} device(s))",
+              seconds_generate=t_n, seconds_prefill_only=t_1, runs_generate=all_n,
+              runs_prefill_only=all_1,
+              decode_tokens_per_s=b * (n - 1) / max(t_n - t_1, 1e-9),
+              end_to_end_tokens_per_s=b * n / t_n)
+
+
+def bench_torch(c, b, t, n, runs):
+  import torch
+  from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+  if FLAGS.torch_threads:
+    torch.set_num_threads(FLAGS.torch_threads)
+  torch.manual_seed(0)
+  v, l = c.model.vision, c.model.llm
+  vocab = int(l.vocab_size)
+  image_id = vocab - 1
+  vcfg = CLIPVisionConfig(hidden_size=int(v.hidden_size), intermediate_size=int(v.intermediate_size),
+                          num_hidden_layers=int(v.num_layers), num_attention_heads=int(v.num_heads),
+                          image_size=int(v.image_size), patch_size=int(v.patch_size),
+                          hidden_act="quick_gelu")
+  tcfg = LlamaConfig(vocab_size=vocab, hidden_size=int(l.hidden_size),
+                     intermediate_size=int(l.intermediate_size), num_hidden_layers=int(l.num_layers),
+                     num_attention_heads=int(l.num_heads), num_key_value_heads=int(l.num_kv_heads),
+                     head_dim=int(l.head_dim), max_position_embeddings=1024,
+                     rms_norm_eps=float(l.rms_norm_eps), tie_word_embeddings=False)
+  n_vis = (int(v.image_size) // int(v.patch_size)) ** 2
+  cfg = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_index=image_id,
+                    projector_hidden_act="gelu", vision_feature_layer=-2,
+                    vision_feature_select_strategy="default", image_seq_length=n_vis)
+  model = LlavaForConditionalGeneration(cfg).eval()
+  g = torch.Generator().manual_seed(0)
+  text = torch.randint(10, vocab - 1, (b, t), generator=g)
+  ids = torch.cat([torch.full((b, n_vis), image_id), text], dim=1)
+  pixels = torch.randn(b, 3, int(v.image_size), int(v.image_size), generator=g)
+  mask = torch.ones_like(ids)
+
+  def run(k):
+    with torch.inference_mode():
+      out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                           max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+    assert out.shape[1] - ids.shape[1] == k, out.shape
+  t_n, all_n = _median_time(lambda: run(n), runs)
+  t_1, all_1 = _median_time(lambda: run(1), runs)
+  import transformers
+  return dict(backend=f"torch {torch.__version__} CPU ({torch.get_num_threads()} threads), "
+                      f"transformers {transformers.__version__}",
+              seconds_generate=t_n, seconds_prefill_only=t_1, runs_generate=all_n,
+              runs_prefill_only=all_1,
+              decode_tokens_per_s=b * (n - 1) / max(t_n - t_1, 1e-9),
+              end_to_end_tokens_per_s=b * n / t_n)
+
+
+def main(argv):
+  del argv
+  c = _config()
+  b, t, n = FLAGS.batch, FLAGS.prompt_len, FLAGS.new
+  out = dict(batch=b, prompt_text_tokens=t, visual_tokens=(
+      int(c.model.vision.image_size) // int(c.model.vision.patch_size)) ** 2, new_tokens=n,
+      runs=FLAGS.runs, ours=bench_jax(c, b, t, n, FLAGS.runs))
+  if FLAGS.torch:
+    out["hf_torch"] = bench_torch(c, b, t, n, FLAGS.runs)
+    out["decode_speedup"] = out["ours"]["decode_tokens_per_s"] / out["hf_torch"]["decode_tokens_per_s"]
+    out["end_to_end_speedup"] = (out["ours"]["end_to_end_tokens_per_s"]
+                                 / out["hf_torch"]["end_to_end_tokens_per_s"])
+  print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)

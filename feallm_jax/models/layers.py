@@ -122,6 +122,37 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
   return out, weights.reshape(b, h, t, k.shape[1])
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                     mask: jax.Array | None = None) -> jax.Array:
+  """``attention`` for a KV cache stored heads-major: ``k, v [B, Hkv, S, D]``; ``q [B,T,H,D]``.
+
+  Why a second form: a decode step reads the whole cache once per layer. With the cache laid
+  out ``[B, S, Hkv, D]`` XLA (CPU) transposes every cache buffer to ``[B, Hkv, D, S]`` before
+  each dot — a full strided copy of the cache per layer per token. Heads-major keeps both dots
+  (``q·k`` contracting D, ``p·v`` contracting S) transpose-free with ``(B, Hkv)`` as batch
+  dims. Numerics follow ``jax.nn.dot_product_attention``'s XLA path: logits accumulated in
+  float32, scaled, masked with the same large negative, softmax in float32, probabilities cast
+  to ``v.dtype``. ``mask``: boolean, broadcastable to ``[B, H, T, S]``; True = may attend.
+  """
+  b, t, h, d = q.shape
+  hkv, s = k.shape[1], k.shape[2]
+  if h % hkv:
+    raise ValueError(f"attention: {h} query heads are not a multiple of {hkv} kv heads")
+  groups = h // hkv
+  precision = (jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None)
+  # [B,T,Hkv,G,D] -> [B,Hkv,G*T,D] (a free reshape when T == 1).
+  qg = q.reshape(b, t, hkv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, groups * t, d)
+  logits = jnp.einsum("bkqd,bksd->bkqs", qg, k, precision=precision,
+                      preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(d ** -0.5)
+  if mask is not None:
+    m = jnp.broadcast_to(mask, (b, h, t, s)).reshape(b, hkv, groups * t, s)
+    logits = jnp.where(m, logits, jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, v)  # [B,Hkv,G*T,D]
+  return out.reshape(b, hkv, groups, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
 def causal_mask(q_len: int, kv_len: int, offset: int | jax.Array = 0) -> jax.Array:
   """``[1, 1, q_len, kv_len]``: query i (at absolute position offset+i) sees keys <= it."""
   q_pos = jnp.arange(q_len)[:, None] + offset

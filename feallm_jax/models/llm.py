@@ -167,14 +167,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 @struct.dataclass
 class KVCache:
-  """Per-layer ``k, v [B, S, Hkv, Dh]`` and the next write slot ``index`` (int32 scalar)."""
+  """Per-layer ``k, v [B, Hkv, S, Dh]`` and the next write slot ``index`` (int32 scalar).
+
+  Heads-major (``[B, Hkv, S, Dh]``) so a decode step's attention reads each cache buffer in
+  place: with ``[B, S, Hkv, Dh]`` XLA transposed every buffer before the dots, a full strided
+  copy of the cache per layer per token (see ``layers.cached_attention``).
+  """
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   index: jax.Array
 
   @property
   def max_len(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
 
 class Attention(nnx.Module):
@@ -198,12 +203,15 @@ class Attention(nnx.Module):
     k = apply_rope(self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
     v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     if kv is not None:
-      ck, cv = kv
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+      ck, cv = kv  # [B, Hkv, S, Dh]; only the T new slots are written (in place under jit)
+      ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype),
+                                        (0, 0, index, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype),
+                                        (0, 0, index, 0))
       kv = (ck, cv)
-      k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-    out = layers.attention(q, k, v, mask=mask)
+      out = layers.cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask)
+    else:
+      out = layers.attention(q, k, v, mask=mask)
     return self.o(out.reshape(b, t, self.num_heads * self.head_dim)), kv
 
 
@@ -265,7 +273,7 @@ class Decoder(nnx.Module):
     """An empty cache; ``dtype`` defaults to the compute dtype."""
     cfg = self.cfg
     dtype = jnp.dtype(dtype or self.dtype)
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     return KVCache(k=zeros(), v=zeros(), index=jnp.zeros((), jnp.int32))
 

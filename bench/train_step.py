@@ -45,8 +45,8 @@ def _apply(config, args):
   m = config.model
   if args.mode == "lora":
     m.train_llm, m.train_vision = "lora", False
-  else:
-    m.train_llm = "full"
+  else:                       # everything trains, as in the torch reference
+    m.train_llm, m.train_vision = "full", True
   if args.projector:
     m.projector = args.projector
   if args.local_clues:

@@ -90,7 +90,7 @@ class Trainer:
     self.frozen = frozen
     with jax.set_mesh(mesh):
       params = nnx.as_pure(params_v)
-      opt_state = self.tx.init(params)
+      opt_state = self._shard_over_fsdp(self.tx.init(params))
       zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: each one is donated
       state = TrainState(step=zero(), updates=zero(), params=params, opt_state=opt_state,
                          rest=nnx.as_pure(rest_v), skipped=zero(), bad_streak=zero())
@@ -115,6 +115,29 @@ class Trainer:
         return x
       return jax.device_put(x, replicated)
     return jax.tree.map(place, tree)
+
+  def _shard_over_fsdp(self, tree: Any) -> Any:
+    """ZeRO-1 for weights the rules replicate (projector, LCA, norms): their Adam moments are
+    split over ``fsdp`` along the first free divisible dimension, so optimizer memory per device
+    falls with the fsdp size even where parameters stay replicated."""
+    n = self.mesh.shape.get("fsdp", 1)
+    if n <= 1:
+      return tree
+
+    def reshard(x):
+      s = getattr(x, "sharding", None)
+      if not isinstance(s, NamedSharding) or x.ndim == 0:
+        return x
+      spec = list(s.spec) + [None] * (x.ndim - len(s.spec))
+      used = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+      if "fsdp" in used:
+        return x
+      for d in range(x.ndim):
+        if spec[d] is None and x.shape[d] % n == 0:
+          spec[d] = "fsdp"
+          return jax.device_put(x, NamedSharding(self.mesh, P(*spec)))
+      return x
+    return jax.tree.map(reshard, tree)
 
   def initial_state(self) -> TrainState:
     """The freshly initialized state (hand it over once: the step donates its input)."""

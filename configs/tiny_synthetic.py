@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.data_dir = "runs/data"
   d.manual_dir = ""
   d.tokenizer = ""          # '' = the tiny tokenizer shipped in feallm_jax/assets
-  d.max_len = 128
+  d.max_len = 96            # longest synthetic conversation is 80 tiny-tokenizer tokens
   d.batch_size = 32         # global batch
   d.eval_batch_size = 64
   d.tasks = ("fer", "aur", "joint", "reasoning")
@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   e = c.eval = ml_collections.ConfigDict()
   e.suites = ("synthetic_fea",)
   e.mode = "generate"       # or "score"
-  e.max_new_tokens = 48
+  e.max_new_tokens = 64     # longest synthetic answer is 58 tokens
   e.batch_size = 64
   e.num_samples = 0         # 0 = the whole split
   return c

@@ -85,45 +85,6 @@ def run_config(workdir: str, checkpoint: str):
     ckpt.manager.close()
 
 
-def region_scores(attention: dict):
-  """Mean attention each of the 16 regions receives (heads and queries averaged)."""
-  import numpy as np
-  if "regions" in attention:
-    a = np.asarray(attention["regions"], np.float64)[0]   # [heads, N_vis, 16]
-  elif "lca" in attention:
-    a = np.asarray(attention["lca"], np.float64)[0]       # [heads, 16, 16]
-  else:
-    return None
-  s = a.mean(axis=(0, 1))
-  return s / max(s.sum(), 1e-12)
-
-
-def overlay(path: str, face, boxes, scores, names, answer: str):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from matplotlib import cm
-  h, w = face.shape[:2]
-  fig, ax = plt.subplots(figsize=(5, 5.6), dpi=120)
-  ax.imshow(face)
-  top = scores.max() if scores.max() > 0 else 1.0
-  order = scores.argsort()  # draw strongest last (on top)
-  for k in order:
-    y0, x0, y1, x1 = boxes[k]
-    c = cm.inferno(0.25 + 0.75 * scores[k] / top)
-    ax.add_patch(plt.Rectangle((x0 * w, y0 * h), (x1 - x0) * w, (y1 - y0) * h, fill=True,
-                               alpha=0.15 + 0.45 * scores[k] / top, color=c, lw=1.5))
-  for rank, k in enumerate(scores.argsort()[::-1][:3]):
-    y0, x0, _, _ = boxes[k]
-    ax.text(x0 * w + 1, y0 * h + 6, f"{rank + 1}. {names[k]}", color="white", fontsize=7,
-            bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0))
-  ax.set_axis_off()
-  ax.set_title(answer[:70] + ("…" if len(answer) > 70 else ""), fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -136,7 +97,7 @@ def main(argv):
   config = FLAGS.config if FLAGS.config is not None else run_config(FLAGS.workdir,
                                                                     FLAGS.checkpoint)
   from feallm_jax.data import pipeline, regions, tokenizer as tok_lib
-  from feallm_jax.eval import feabench, generate as gen
+  from feallm_jax.eval import explain, feabench, generate as gen
   size = int(config.model.vision.image_size)
   x = cv2.resize(face, (size, size), interpolation=cv2.INTER_AREA if min(face.shape[:2]) > size
                  else cv2.INTER_LINEAR).astype(np.float32) / 255.0
@@ -160,7 +121,7 @@ def main(argv):
   if FLAGS.explain:
     import jax
     out = model({k: jax.numpy.asarray(v) for k, v in batch.items()}, return_attention=True)
-    scores = region_scores(out.get("attention", {}))
+    scores = explain.region_scores(out.get("attention", {}))
     if scores is None:
       print("(this model has no region attention: local clues are off)")
       return
@@ -168,7 +129,8 @@ def main(argv):
     for rank, k in enumerate(scores.argsort()[::-1]):
       print(f"  {rank + 1:2d}. {regions.REGION_NAMES[k]:<20s} {scores[k]:.3f}")
     path = FLAGS.explain_out or os.path.splitext(os.path.basename(FLAGS.image))[0] + "_regions.png"
-    overlay(path, cv2.resize(face, (256, 256)), boxes, scores, regions.REGION_NAMES, answer)
+    explain.save_overlay(path, cv2.resize(face, (256, 256)), boxes, scores, regions.REGION_NAMES,
+                         answer)
     print(f"overlay saved to {path}")
 
 

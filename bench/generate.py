@@ -7,10 +7,16 @@ features (class token dropped: 196 visual tokens at 224/16), no Local Clue Aggre
 greedy, exactly ``--new`` tokens (ours: no EOS id; HF: min_new_tokens = max_new_tokens). The
 prompt is one <image> (expanded to the visual tokens) plus ``--prompt_len`` text tokens.
 
-Measured: wall time of a whole generate call (vision + prefill + decode), after one warm-up
-call (so our compile time is excluded), median of ``--runs`` calls; the same for a
-1-new-token call (vision + prefill only). Decode tokens/s = batch * (new - 1) / (t_new - t_1);
-end-to-end tokens/s = batch * new / t_new. Prints one JSON object.
+Measured: wall time of a whole generate call (vision + prefill + decode) with ``--new`` tokens
+(t_new) and with 1 token (t_1, vision + prefill only), each after one warm-up call (so our
+compile time is excluded); the two kinds of call ALTERNATE, so load from other processes on a
+shared machine hits both alike, and each is the median of ``--runs`` calls. Decode tokens/s =
+batch * (new - 1) / (t_new - t_1); end-to-end tokens/s = batch * new / t_new. PyTorch side:
+``torch.inference_mode()``, ``torch.set_num_threads`` = the cores this process may run on
+(the same cores XLA uses), ``model.generate(..., do_sample=False, use_cache=True,
+min_new_tokens=max_new_tokens=new)`` with the default DynamicCache. No XLA flags are set.
+The 1-minute load average before/after each side is recorded: on a shared machine compare
+the two sides only from runs under similar load. Prints one JSON object.
 """
 
 import json
@@ -30,7 +36,8 @@ flags.DEFINE_integer("prompt_len", 16, "Text tokens after the image.")
 flags.DEFINE_integer("new", 32, "New tokens per row.")
 flags.DEFINE_integer("runs", 3, "Timed runs per measurement (median).")
 flags.DEFINE_bool("torch", True, "Also measure HF transformers (PyTorch).")
-flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default).")
+flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = the cores this process "
+                     "may run on, i.e. os.sched_getaffinity).")
 FLAGS = flags.FLAGS
 
 # Dims of configs/bench_small.py, used when --config is not given.
@@ -64,14 +71,39 @@ def _config():
   return c
 
 
-def _median_time(fn, runs):
-  fn()  # warm-up (compile for jax)
-  times = []
+def _cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def _loadavg() -> float | None:
+  try:
+    return os.getloadavg()[0]
+  except OSError:
+    return None
+
+
+def _timed_pair(run, n, runs):
+  """Medians of alternating ``run(n)`` / ``run(1)`` calls after one warm-up of each."""
+  run(n)  # warm-up (compile for jax)
+  run(1)
+  times = {n: [], 1: []}
   for _ in range(runs):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), times
+    for k in (n, 1):
+      t0 = time.perf_counter()
+      run(k)
+      times[k].append(time.perf_counter() - t0)
+  return statistics.median(times[n]), times[n], statistics.median(times[1]), times[1]
+
+
+def _result(backend, b, n, t_n, all_n, t_1, all_1, load):
+  return dict(backend=backend, seconds_generate=t_n, seconds_prefill_only=t_1,
+              runs_generate=all_n, runs_prefill_only=all_1,
+              ms_per_decode_step=1000 * (t_n - t_1) / max(n - 1, 1),
+              decode_tokens_per_s=b * (n - 1) / max(t_n - t_1, 1e-9),
+              end_to_end_tokens_per_s=b * n / t_n, loadavg_1min_before_after=load)
 
 
 def bench_jax(c, b, t, n, runs):
@@ -93,21 +125,18 @@ def bench_jax(c, b, t, n, runs):
   def run(k):
     tokens, _ = gen.generate(model, batch, gen.SamplingConfig(max_new_tokens=k))
     assert tokens.shape == (b, k)
-  t_n, all_n = _median_time(lambda: run(n), runs)
-  t_1, all_1 = _median_time(lambda: run(1), runs)
-  return dict(backend=f"jax {jax.__version__} ({jax.devices()[0].platform}, "
-                      f"{jax.device_count()} device(s))",
-              seconds_generate=t_n, seconds_prefill_only=t_1, runs_generate=all_n,
-              runs_prefill_only=all_1,
-              decode_tokens_per_s=b * (n - 1) / max(t_n - t_1, 1e-9),
-              end_to_end_tokens_per_s=b * n / t_n)
+  load = [_loadavg()]
+  t_n, all_n, t_1, all_1 = _timed_pair(run, n, runs)
+  load.append(_loadavg())
+  return _result(f"jax {jax.__version__} ({jax.devices()[0].platform}, "
+                 f"{jax.device_count()} device(s), {_cores()} cores)", b, n, t_n, all_n, t_1,
+                 all_1, load)
 
 
 def bench_torch(c, b, t, n, runs):
   import torch
   from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-  if FLAGS.torch_threads:
-    torch.set_num_threads(FLAGS.torch_threads)
+  torch.set_num_threads(FLAGS.torch_threads or _cores())
   torch.manual_seed(0)
   v, l = c.model.vision, c.model.llm
   vocab = int(l.vocab_size)
@@ -136,17 +165,15 @@ def bench_torch(c, b, t, n, runs):
     with torch.inference_mode():
       out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask,
                            max_new_tokens=k, min_new_tokens=k, do_sample=False,
-                           pad_token_id=0, eos_token_id=None)
+                           use_cache=True, pad_token_id=0, eos_token_id=None)
     assert out.shape[1] - ids.shape[1] == k, out.shape
-  t_n, all_n = _median_time(lambda: run(n), runs)
-  t_1, all_1 = _median_time(lambda: run(1), runs)
+  load = [_loadavg()]
+  t_n, all_n, t_1, all_1 = _timed_pair(run, n, runs)
+  load.append(_loadavg())
   import transformers
-  return dict(backend=f"torch {torch.__version__} CPU ({torch.get_num_threads()} threads), "
-                      f"transformers {transformers.__version__}",
-              seconds_generate=t_n, seconds_prefill_only=t_1, runs_generate=all_n,
-              runs_prefill_only=all_1,
-              decode_tokens_per_s=b * (n - 1) / max(t_n - t_1, 1e-9),
-              end_to_end_tokens_per_s=b * n / t_n)
+  return _result(f"torch {torch.__version__} CPU ({torch.get_num_threads()} threads), "
+                 f"transformers {transformers.__version__}, LlavaForConditionalGeneration.generate"
+                 " (DynamicCache)", b, n, t_n, all_n, t_1, all_1, load)
 
 
 def main(argv):
@@ -155,7 +182,11 @@ def main(argv):
   b, t, n = FLAGS.batch, FLAGS.prompt_len, FLAGS.new
   out = dict(batch=b, prompt_text_tokens=t, visual_tokens=(
       int(c.model.vision.image_size) // int(c.model.vision.patch_size)) ** 2, new_tokens=n,
-      runs=FLAGS.runs, ours=bench_jax(c, b, t, n, FLAGS.runs))
+      runs=FLAGS.runs, method=(
+          "median wall time of generate(new) and generate(1) calls (alternating, after one "
+          "warm-up each, compile excluded); decode tokens/s = batch*(new-1)/(t_new - t_1); "
+          "end-to-end tokens/s = batch*new/t_new; greedy, float32, exactly new tokens"),
+      ours=bench_jax(c, b, t, n, FLAGS.runs))
   if FLAGS.torch:
     out["hf_torch"] = bench_torch(c, b, t, n, FLAGS.runs)
     out["decode_speedup"] = out["ours"]["decode_tokens_per_s"] / out["hf_torch"]["decode_tokens_per_s"]

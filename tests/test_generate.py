@@ -238,3 +238,22 @@ def test_feallm_greedy_equals_full_forward_argmax(devices):
   s = gen.score_candidates(model, {k: v[:1] for k, v in batch.items()}, cands,
                            np.ones_like(cands))
   assert s.pred[0] == 0
+
+
+def test_decode_loop_updates_cache_in_place(devices):
+  """The compiled decode loop must not copy or transpose whole cache buffers per token (the
+  [B,S,Hkv,Dh] layout made XLA transpose every layer's cache before each attention dot)."""
+  dec = _tiny_decoder(sharding.single_device_mesh(), seed=2)
+  placed, _ = gen._prepare(dec, _left_pad(PROMPTS), None)
+  graphdef, state = nnx.split(dec)
+  n = 6
+  text = gen._generate_jit.lower(
+      graphdef, state, placed, jax.random.key(0), jnp.asarray((-1,), jnp.int32), jnp.int32(0),
+      jnp.float32(1e-6), jnp.float32(1.0), max_new_tokens=n, greedy=True, nucleus=False,
+      mesh=None).compile().as_text()
+  cache = dec.init_cache(len(PROMPTS), max(len(p) for p in PROMPTS) + n)
+  b, hkv, s, dh = cache.k[0].shape
+  bad = [line for line in text.splitlines()
+         if ("transpose(" in line or " copy(" in line) and "/while/body/" in line
+         and f"[{b}," in line and str(s) in line and str(dh) in line]
+  assert not bad, "\n".join(bad[:3])

@@ -30,14 +30,14 @@ def region_scores(attention: Mapping[str, Any], row: int = 0) -> np.ndarray | No
 def draw_overlay(ax, face: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
                  names: Sequence[str], title: str = "", top_k: int = 3) -> None:
   """Draws the face with each region shaded by its score and the top ``top_k`` labelled."""
-  import matplotlib.pyplot as plt
   from matplotlib import cm
+  from matplotlib.patches import Rectangle
   h, w = face.shape[:2]
   ax.imshow(face)
   top = scores.max() if scores.max() > 0 else 1.0
   for k in scores.argsort():  # strongest drawn last (on top)
     y0, x0, y1, x1 = boxes[k]
-    ax.add_patch(plt.Rectangle((x0 * w, y0 * h), (x1 - x0) * w, (y1 - y0) * h, fill=True,
+    ax.add_patch(Rectangle((x0 * w, y0 * h), (x1 - x0) * w, (y1 - y0) * h, fill=True,
                                alpha=0.15 + 0.45 * scores[k] / top,
                                color=cm.inferno(0.25 + 0.75 * scores[k] / top), lw=1.5))
   for rank, k in enumerate(scores.argsort()[::-1][:top_k]):
@@ -51,11 +51,9 @@ def draw_overlay(ax, face: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
 
 def save_overlay(path: str, face: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
                  names: Sequence[str], title: str = "") -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 5.6), dpi=120)
+  from matplotlib.figure import Figure   # no pyplot: never switch a notebook's backend
+  fig = Figure(figsize=(5, 5.6), dpi=120)
+  ax = fig.subplots()
   draw_overlay(ax, face, boxes, scores, names, title)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)

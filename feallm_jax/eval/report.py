@@ -98,9 +98,7 @@ def markdown(results: Mapping[str, Any]) -> str:
 def confusion_png(path: str, confusion: Sequence[Sequence[int]], labels: Sequence[str],
                   unparsed: Sequence[int] | None = None, title: str = "") -> None:
   """Row-normalized confusion matrix with counts; an extra 'unparsed' column when given."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure   # no pyplot: never switch a notebook's backend
 
   cm = np.asarray(confusion, np.float64)
   cols = list(labels)
@@ -110,7 +108,8 @@ def confusion_png(path: str, confusion: Sequence[Sequence[int]], labels: Sequenc
   rows = cm.sum(1, keepdims=True)
   norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
   k = len(labels)
-  fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(cols), 1.0 + 0.7 * k), dpi=110)
+  fig = Figure(figsize=(1.0 + 0.75 * len(cols), 1.0 + 0.7 * k), dpi=110)
+  ax = fig.subplots()
   ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
   ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
   ax.set_yticks(range(k), list(labels))
@@ -125,7 +124,6 @@ def confusion_png(path: str, confusion: Sequence[Sequence[int]], labels: Sequenc
     ax.set_title(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
 
 
 def write_all(out_dir: str, results: Mapping[str, Any],

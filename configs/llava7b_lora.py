@@ -69,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.save_every = 500
   t.keep = 3
   c.eval.suites = ("raf_db", "affectnet", "bp4d", "disfa")
+  c.eval.num_samples = 0      # whole splits
   # train_and_evaluate refuses to start (clear error) while the placeholders above are unset.
   c.require_pretrained = True
   return c

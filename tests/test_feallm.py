@@ -102,7 +102,8 @@ def test_tiny_config_spec_from_tokenizer(devices):
   tok = tok_lib.load("")
   assert spec.llm.vocab_size % feallm.VOCAB_MULTIPLE == 0 and spec.llm.vocab_size >= len(tok)
   assert spec.image_token_id == tok_lib.image_token_id(tok)
-  assert feallm.expanded_length(c, 128) == 128 - 1 + 64 + 1 == spec.expanded_length(128)
+  n_vis = (c.model.vision.image_size // c.model.vision.patch_size) ** 2   # patch tokens
+  assert feallm.expanded_length(c, 128) == 128 - 1 + n_vis + 1 == spec.expanded_length(128)
   model = feallm.abstract_model(spec, sharding.make_mesh(dict(c.mesh)))
   counts = feallm.parameter_counts(model)
   print("\ntiny_synthetic parameter counts:", counts)

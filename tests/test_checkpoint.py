@@ -69,10 +69,15 @@ def test_checkpoint_size_scales_with_trainable_weights(run):
   trainable = sum(x.nbytes for x in jax.tree.leaves(run["state3"].params))
   frozen = sum(x.nbytes for x in jax.tree.leaves(tr.frozen))
   size = _dir_bytes(os.path.join(run["workdir"], "checkpoints", "2"))
-  # params + Adam mu/nu + metadata; the (larger) frozen base is not in it.
   assert frozen > 3 * trainable
-  assert size < 3 * trainable + 400_000, (size, trainable, frozen)
-  assert size < frozen
+  # What the checkpoint holds: params + Adam mu/nu + a few counters, never the frozen base.
+  # (Counted from the restored tree: Orbax's on-disk overhead varies from run to run.)
+  ck = ckpt_lib.Checkpointer(run["workdir"], run["config"], base_fingerprint="fp-A")
+  restored, _ = ck.restore(tr.abstract_state(), pipeline.train_iterator(run["config"]))
+  ck.close()
+  payload = sum(x.nbytes for x in jax.tree.leaves(restored))
+  assert 3 * trainable <= payload < 3 * trainable + 4096, (payload, trainable)
+  assert size < frozen, (size, frozen)
 
 
 def test_corrupt_latest_falls_back_to_previous(run, tmp_path, caplog):

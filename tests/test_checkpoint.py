@@ -126,3 +126,17 @@ def test_wrong_config_or_base_is_refused_before_writing(run):
   ok = config.copy_and_resolve_references()
   ok.model.remat = True
   assert ckpt_lib.check_workdir(ok, workdir, base_fingerprint="fp-A") == 2
+
+
+def test_relative_workdir_round_trips(run, tmp_path, monkeypatch):
+  """`--workdir=runs/x` (relative, as the README shows) saves and restores."""
+  monkeypatch.chdir(tmp_path)
+  ck = ckpt_lib.Checkpointer("runs/rel", run["config"], base_fingerprint="fp-A")
+  ck.save(3, run["state3"], pipeline.train_iterator(run["config"]))
+  ck.close()
+  ck = ckpt_lib.Checkpointer("runs/rel", run["config"], base_fingerprint="fp-A")
+  state, step = ck.restore(run["tr"].abstract_state(), pipeline.train_iterator(run["config"]))
+  ck.close()
+  assert step == 3 and str(ck.directory).startswith(str(tmp_path))
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(run["state3"].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -194,6 +194,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, config, *, base_fingerprint: str = "",
                async_save: bool = True, read_only: bool = False):
+    if "://" not in str(workdir):   # Orbax wants absolute local paths (gs:// etc. pass through)
+      workdir = os.path.abspath(workdir)
     self.directory = epath.Path(workdir) / "checkpoints"
     self.config = config
     self.base_fingerprint = base_fingerprint

@@ -99,10 +99,12 @@ def main(argv):
   from feallm_jax.data import pipeline, regions, tokenizer as tok_lib
   from feallm_jax.eval import explain, feabench, generate as gen
   size = int(config.model.vision.image_size)
-  x = cv2.resize(face, (size, size), interpolation=cv2.INTER_AREA if min(face.shape[:2]) > size
-                 else cv2.INTER_LINEAR).astype(np.float32) / 255.0
-  x = (x - pipeline.CLIP_MEAN) / pipeline.CLIP_STD
-  boxes = np.asarray(regions.canonical_boxes(), np.float32)
+  h, w = face.shape[:2]
+  side = min(h, w)
+  face = face[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+  # The evaluation-time image path (no augmentation), so predict sees what FEABench sees.
+  x, boxes = pipeline.image_and_regions({"image": face, "has_landmarks": False, "id": FLAGS.image},
+                                        size, None, None, use_landmarks=False)
   tok = tok_lib.load(config.data.get("tokenizer", ""))
   conv = [{"from": "human", "value": f"{tok_lib.IMAGE_TOKEN}\n{FLAGS.prompt}"}]
   ids, _, _ = tok_lib.encode_prompt(tok, conv)

@@ -98,17 +98,17 @@ def main(argv):
                                                                     FLAGS.checkpoint)
   from feallm_jax.data import pipeline, regions, tokenizer as tok_lib
   from feallm_jax.eval import explain, feabench, generate as gen
-  size = int(config.model.vision.image_size)
   h, w = face.shape[:2]
   side = min(h, w)
   face = face[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
   # The evaluation-time image path (no augmentation), so predict sees what FEABench sees.
-  x, boxes = pipeline.image_and_regions({"image": face, "has_landmarks": False, "id": FLAGS.image},
-                                        size, None, None, use_landmarks=False)
+  views = pipeline.eval_views(config, face, FLAGS.image)
+  boxes = views["regions"]
   tok = tok_lib.load(config.data.get("tokenizer", ""))
   conv = [{"from": "human", "value": f"{tok_lib.IMAGE_TOKEN}\n{FLAGS.prompt}"}]
   ids, _, _ = tok_lib.encode_prompt(tok, conv)
-  batch = dict(image=x[None], regions=boxes[None], input_ids=ids[None].astype(np.int32),
+  batch = {k: v[None] for k, v in views.items()}
+  batch.update(input_ids=ids[None].astype(np.int32),
                attention_mask=np.ones((1, len(ids)), np.int32))
   try:
     model, step = feabench.load_model(config, FLAGS.workdir, FLAGS.checkpoint or None)

@@ -119,24 +119,35 @@ def _crop_window(h: int, w: int, rng, aug: Augment | None):
   return y0, x0, ch, cw
 
 
-def _jitter(img: np.ndarray, rng, aug: Augment) -> np.ndarray:
-  """Brightness, contrast and saturation jitter on a float [0, 1] image, in random order."""
-  ops = rng.permutation(3)
-  for op in ops:
-    if op == 0 and aug.brightness:
-      img = img * rng.uniform(1 - aug.brightness, 1 + aug.brightness)
-    elif op == 1 and aug.contrast:
+def _jitter_ops(rng, aug: Augment) -> list[tuple[int, float]]:
+  """Brightness, contrast and saturation factors in a random order (drawn once per example, so
+  every view of the face gets the same jitter)."""
+  ops = []
+  for op in rng.permutation(3):
+    amount = (aug.brightness, aug.contrast, aug.saturation)[op]
+    if amount:
+      ops.append((int(op), float(rng.uniform(1 - amount, 1 + amount))))
+  return ops
+
+
+def _jitter(img: np.ndarray, ops: Sequence[tuple[int, float]]) -> np.ndarray:
+  """Applies `_jitter_ops` to a float [0, 1] image."""
+  for op, f in ops:
+    if op == 0:
+      img = img * f
+    elif op == 1:
       m = img.mean()
-      img = (img - m) * rng.uniform(1 - aug.contrast, 1 + aug.contrast) + m
-    elif op == 2 and aug.saturation:
+      img = (img - m) * f + m
+    else:
       gray = img @ np.array([0.299, 0.587, 0.114], np.float32)
-      img = (img - gray[..., None]) * rng.uniform(1 - aug.saturation, 1 + aug.saturation) \
-          + gray[..., None]
+      img = (img - gray[..., None]) * f + gray[..., None]
   return np.clip(img, 0.0, 1.0)
 
 
-def image_and_regions(rec: dict, size: int, rng, aug: Augment | None, use_landmarks: bool):
-  """(CLIP-normalized float32 [size,size,3], boxes float32 [16,4]) with crop/flip applied."""
+def image_views(rec: dict, sizes: Sequence[int], rng, aug: Augment | None,
+                use_landmarks: bool) -> tuple[list[np.ndarray], np.ndarray]:
+  """One crop/flip/jitter of the face resampled to each of `sizes` (CLIP-normalized float32
+  [s,s,3] each) and the 16 region boxes (float32 [16,4], normalized, shared by every view)."""
   from feallm_jax.data import regions
   img = np.asarray(rec["image"])
   if img.ndim == 2:
@@ -149,20 +160,32 @@ def image_and_regions(rec: dict, size: int, rng, aug: Augment | None, use_landma
   boxes = np.asarray(boxes, np.float32)
   y0, x0, ch, cw = _crop_window(h, w, rng, aug)
   crop = img[y0:y0 + ch, x0:x0 + cw]
-  interp = cv2.INTER_AREA if min(ch, cw) > size else cv2.INTER_LINEAR
-  out = cv2.resize(crop, (size, size), interpolation=interp)
   # Boxes follow the crop: normalized to the window, clipped to the image.
   off = np.array([y0 / h, x0 / w, y0 / h, x0 / w], np.float32)
   scl = np.array([ch / h, cw / w, ch / h, cw / w], np.float32)
   boxes = np.clip((boxes - off) / scl, 0.0, 1.0)
-  if aug is not None and rng.uniform() < aug.flip:
-    out = out[:, ::-1]
+  flip = aug is not None and rng.uniform() < aug.flip
+  if flip:
     boxes = regions.flip_boxes(boxes)
-  x = out.astype(np.float32) * (1.0 / 255.0)
-  if aug is not None:
-    x = _jitter(x, rng, aug)
-  x = (x - CLIP_MEAN) / CLIP_STD
-  return np.ascontiguousarray(x, np.float32), np.asarray(boxes, np.float32)
+  ops = _jitter_ops(rng, aug) if aug is not None else []
+  views = []
+  for size in sizes:
+    interp = cv2.INTER_AREA if min(ch, cw) > size else cv2.INTER_LINEAR
+    out = cv2.resize(crop, (size, size), interpolation=interp)
+    if flip:
+      out = out[:, ::-1]
+    x = out.astype(np.float32) * (1.0 / 255.0)
+    if ops:
+      x = _jitter(x, ops)
+    x = (x - CLIP_MEAN) / CLIP_STD
+    views.append(np.ascontiguousarray(x, np.float32))
+  return views, np.asarray(boxes, np.float32)
+
+
+def image_and_regions(rec: dict, size: int, rng, aug: Augment | None, use_landmarks: bool):
+  """(CLIP-normalized float32 [size,size,3], boxes float32 [16,4]) with crop/flip applied."""
+  views, boxes = image_views(rec, (size,), rng, aug, use_landmarks)
+  return views[0], boxes
 
 
 def fit_length(ids: np.ndarray, loss: np.ndarray, max_len: int, image_id: int,
@@ -217,6 +240,19 @@ class ExampleSpec:
   augment: Augment | None
   seed: int
   num_records: int
+  lca_image_size: int = 0   # >0: also emit `lca_image`, the same view at this resolution
+
+  @property
+  def sizes(self) -> tuple[int, ...]:
+    return (self.image_size,) + ((self.lca_image_size,) if self.lca_image_size else ())
+
+  def views(self, rec: dict, rng, aug: Augment | None) -> dict[str, np.ndarray]:
+    """`image` (ViT input), optional `lca_image`, and `regions` of one example."""
+    views, boxes = image_views(rec, self.sizes, rng, aug, self.use_landmarks)
+    out = dict(image=views[0], regions=boxes)
+    if self.lca_image_size:
+      out["lca_image"] = views[1]
+    return out
 
 
 def _conversation(rec: dict, tasks: Sequence[str], rng) -> tuple[list, int]:
@@ -247,7 +283,7 @@ class TrainExample(grain.transforms.Map):
     rng = np.random.default_rng([s.seed, epoch, index])
     rec = _clean_record(self.source[index])
     tok = _tokenizer(s.tokenizer)
-    image, boxes = image_and_regions(rec, s.image_size, rng, s.augment, s.use_landmarks)
+    views = s.views(rec, rng, s.augment)
     conv, task = _conversation(rec, s.tasks, rng)
     ids, loss = tokenizer_lib.encode_conversation(tok, conv)
     img_id = tokenizer_lib.image_token_id(tok)
@@ -262,7 +298,7 @@ class TrainExample(grain.transforms.Map):
     attn[:n] = 1
     loss_mask = np.zeros(s.max_len, np.int32)
     loss_mask[:n] = loss
-    return dict(image=image, regions=boxes, input_ids=input_ids, attention_mask=attn,
+    return dict(**views, input_ids=input_ids, attention_mask=attn,
                 loss_mask=loss_mask, example_mask=np.int32(1), emotion=np.int32(rec["emotion"]),
                 au_present=_au_vector(rec), task=np.int32(task), truncated=np.int32(cut))
 
@@ -314,7 +350,15 @@ def _spec(config, num_records: int, *, train: bool, seed: int, tasks=None) -> Ex
       tokenizer=d.tokenizer, image_size=int(config.model.vision.image_size),
       max_len=int(d.max_len), tasks=tuple(tasks if tasks is not None else d.tasks),
       use_landmarks=d.regions == "landmarks",
-      augment=Augment() if (train and d.augment) else None, seed=seed, num_records=num_records)
+      augment=Augment() if (train and d.augment) else None, seed=seed, num_records=num_records,
+      lca_image_size=int(d.get("lca_image_size", 0) or 0))
+
+
+def eval_views(config, image: np.ndarray, image_id: str = "") -> dict[str, np.ndarray]:
+  """The evaluation-time views of one face image (`image`, `regions`, optional `lca_image`),
+  without a batch axis: what FEABench feeds the model, for `predict` and notebooks."""
+  rec = {"image": image, "has_landmarks": False, "id": image_id}
+  return _spec(config, 1, train=False, seed=int(config.get("seed", 0))).views(rec, None, None)
 
 
 def train_dataset(config, *, split: str = "train", seed: int | None = None,
@@ -368,7 +412,7 @@ class EvalExample(grain.transforms.Map):
     rec = _clean_record(self.source[index])
     tok = _tokenizer(s.tokenizer)
     rng = np.random.default_rng([s.seed, 0, index])
-    image, boxes = image_and_regions(rec, s.image_size, rng, None, s.use_landmarks)
+    views = s.views(rec, rng, None)
     if rec["conversations"]:
       conv, task_id = json.loads(rec["conversations"]), FREE_FORM_TASK
     else:
@@ -386,7 +430,7 @@ class EvalExample(grain.transforms.Map):
     input_ids[s.max_len - n:] = ids
     attn = np.zeros(s.max_len, np.int32)
     attn[s.max_len - n:] = 1
-    batch = dict(image=image, regions=boxes, input_ids=input_ids, attention_mask=attn,
+    batch = dict(**views, input_ids=input_ids, attention_mask=attn,
                  example_mask=np.int32(real), emotion=np.int32(rec["emotion"]),
                  au_present=_au_vector(rec), task=np.int32(task_id), truncated=np.int32(cut))
     meta = dict(id=rec["id"], task=(None if task_id == FREE_FORM_TASK else

@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from feallm_jax import sharding as sharding_lib
 
 PROMPT_KEYS_VISION = ("image", "regions", "input_ids", "attention_mask")
+OPTIONAL_KEYS_VISION = ("lca_image",)   # the face at the LCA's resolution (data.lca_image_size)
 PROMPT_KEYS_TEXT = ("input_ids", "attention_mask")
 
 
@@ -86,7 +87,8 @@ def _embed_prompt(model, inputs: Mapping[str, jax.Array]):
   """(embeds [B,L,D], mask [B,L], positions [B,L]) of the prompt for either kind of model."""
   if is_vision_model(model):
     embeds, mask, positions = model.embed_inputs(
-        inputs["image"], inputs["regions"], inputs["input_ids"], inputs["attention_mask"])
+        inputs["image"], inputs["regions"], inputs["input_ids"], inputs["attention_mask"],
+        lca_image=inputs.get("lca_image"))
     return embeds, mask.astype(jnp.int32), positions.astype(jnp.int32)
   dec = model
   mask = inputs["attention_mask"].astype(jnp.int32)
@@ -185,6 +187,8 @@ def _prepare(model, inputs: Mapping[str, Any], mesh: Mesh | None):
   missing = [k for k in keys if k not in inputs]
   if missing:
     raise KeyError(f"generate: prompt batch lacks {missing}")
+  if is_vision_model(model):
+    keys = keys + tuple(k for k in OPTIONAL_KEYS_VISION if k in inputs)
   arrays = {k: np.asarray(inputs[k]) for k in keys}
   b = arrays["input_ids"].shape[0]
   shards = sharding_lib.batch_shards(mesh) if mesh is not None else 1

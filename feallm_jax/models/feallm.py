@@ -184,8 +184,12 @@ class FEALLM(nnx.Module):
   # -- vision side ------------------------------------------------------------------------------
 
   def visual_tokens(self, image: jax.Array, regions: jax.Array | None, *,
-                    return_attention: bool = False):
-    """``[B, N_vis(+1), D_llm]``: projector tokens, then the F_local token (local clues on)."""
+                    lca_image: jax.Array | None = None, return_attention: bool = False):
+    """``[B, N_vis(+1), D_llm]``: projector tokens, then the F_local token (local clues on).
+
+    ``lca_image`` (optional) is the same view of the face at a higher resolution: the Local Clue
+    Aggregator crops its regions from it while the ViT sees ``image`` at its own input size.
+    """
     spec = self.spec
     hidden = self.vision(image)
     if not spec.train_vision:
@@ -196,7 +200,7 @@ class FEALLM(nnx.Module):
     if self.lca is not None:
       if regions is None:
         raise ValueError("model.local_clues=True needs batch['regions'] [B,16,4]")
-      res = self.lca(image, regions, return_attention=True)
+      res = self.lca(image if lca_image is None else lca_image, regions, return_attention=True)
       f_local_v, f_local, attn["lca"] = res
     if spec.projector == "mlp":
       tokens = self.projector(f_l)
@@ -228,9 +232,9 @@ class FEALLM(nnx.Module):
     return embeds, mask.astype(jnp.int32), positions, out
 
   def embed_inputs(self, image: jax.Array, regions: jax.Array | None, input_ids: jax.Array,
-                   attention_mask: jax.Array):
+                   attention_mask: jax.Array, lca_image: jax.Array | None = None):
     """``(embeds [B,L,D], attention_mask [B,L], positions [B,L])`` with ``<image>`` expanded."""
-    visual = self.visual_tokens(image, regions)
+    visual = self.visual_tokens(image, regions, lca_image=lca_image)
     embeds, mask, positions, _ = self._expand(visual, input_ids, attention_mask, {})
     return embeds, mask, positions
 
@@ -246,7 +250,8 @@ class FEALLM(nnx.Module):
     am = jnp.ones_like(ids) if am is None else am
     lm = batch.get("loss_mask")
     lm = jnp.zeros_like(ids) if lm is None else lm
-    visual, attn = self.visual_tokens(batch["image"], batch.get("regions"), return_attention=True)
+    visual, attn = self.visual_tokens(batch["image"], batch.get("regions"),
+                                      lca_image=batch.get("lca_image"), return_attention=True)
     embeds, mask, positions, extra = self._expand(visual, ids, am,
                                                   {"targets": ids, "loss_mask": lm})
     logits = self.llm(inputs_embeds=embeds, positions=positions, attention_mask=mask)

@@ -1,0 +1,77 @@
+"""Many synthetic faces for stage 0, rendered in parallel from fresh identity pools.
+
+Pretraining draws identities from the *train* pools of seeds 1..N (`synthetic.make_identity(
+"train", i, seed)`): the instruction set uses seed 0, so stage 0 sees far more people than the
+instruction set, and the test pool (a disjoint seed stream of every seed) is never touched.
+Workers are spawned (never forked after jax started) and import only numpy and PIL.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from typing import Sequence
+
+import numpy as np
+
+from feallm_jax.data import facs
+
+
+def _jpeg_round_trip(image: np.ndarray) -> np.ndarray:
+  """The pixels a builder stores (JPEG at its quality), so stage 0 sees stage 1's statistics."""
+  import io
+  from PIL import Image
+  from feallm_jax.data.builders.common import JPEG_QUALITY
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, "JPEG", quality=JPEG_QUALITY)
+  return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def _render(job: tuple[int, int, int, int]) -> dict:
+  from feallm_jax.data import synthetic
+  seed, start, stop, size = job
+  imgs, emo, aus, subj = [], [], [], []
+  for i in range(start, stop):
+    r = synthetic.generate(i, split="train", seed=seed, image_size=size)
+    imgs.append(_jpeg_round_trip(r["image"]))
+    emo.append(int(r["emotion"]))
+    aus.append(np.asarray(r["au_present"], np.int8))
+    subj.append(int(r["subject"].rsplit("-", 1)[1]))
+  return dict(image=np.stack(imgs), emotion=np.asarray(emo, np.int32),
+              au_present=np.stack(aus), subject=np.asarray(subj, np.int32),
+              seed=np.full(len(emo), seed, np.int32))
+
+
+def render(seeds: Sequence[int], per_seed: int, image_size: int = 128, workers: int = 0,
+           chunk: int = 200) -> dict[str, np.ndarray]:
+  """Faces of `per_seed` records from each seed's train pool (seed 0 is the instruction set)."""
+  if any(int(s) == 0 for s in seeds):
+    raise ValueError("stage 0 must not render seed 0: it is the instruction set's own seed")
+  jobs = [(int(s), a, min(a + chunk, per_seed), image_size)
+          for s in seeds for a in range(0, per_seed, chunk)]
+  workers = workers or os.cpu_count() or 1
+  if workers == 1:
+    parts = [_render(j) for j in jobs]
+  else:
+    with mp.get_context("spawn").Pool(workers) as pool:
+      parts = pool.map(_render, jobs, chunksize=1)
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def cached(path: str, seeds: Sequence[int], per_seed: int, image_size: int = 128,
+           workers: int = 0) -> dict[str, np.ndarray]:
+  """`render(...)`, memoized in an .npz keyed by its arguments (a rerun skips rendering)."""
+  key = f"seeds={','.join(map(str, seeds))};n={per_seed};size={image_size}"
+  if os.path.exists(path):
+    with np.load(path) as z:
+      if str(z["key"]) == key:
+        return {k: z[k] for k in z.files if k != "key"}
+  data = render(seeds, per_seed, image_size, workers)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, key=np.asarray(key), **data)
+  os.replace(tmp, path)
+  return data
+
+
+def active(au_present_row: np.ndarray) -> list[int]:
+  return [au for au, p in zip(facs.ALL_AUS, au_present_row) if p == 1]

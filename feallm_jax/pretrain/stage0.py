@@ -1,0 +1,306 @@
+"""Stage 0 end to end: pretrain the tiny vision tower (CLIP-style) and LLM (text), then write a
+base checkpoint in exactly the format `launch/import_hf.py` writes.
+
+``pretrain_backbones(config, out_dir)`` is what `launch/pretrain_backbones.py` and the tests
+call. The output is loaded by stage 1 through ``config.model.base_checkpoint`` like any imported
+CLIP + LLaMA pair: HF-style configs in ``meta.json``, the tokenizer, a content fingerprint. A
+``stage0.json`` beside it records the config, the data seen, losses, timings and the linear-probe
+quality of the frozen features on the identity-disjoint test pool.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from feallm_jax import sharding
+from feallm_jax.data import facs, pipeline, synthetic, tokenizer as tok_lib
+from feallm_jax.models import llm as llm_lib, vision as vision_lib
+from feallm_jax.pretrain import captions, clip, faces, lm
+
+log = logging.getLogger(__name__)
+
+
+# --- HF-style configs (what meta.json records, as import_hf records the real ones) -------------
+
+def hf_vision_config(cfg: vision_lib.VisionConfig) -> dict[str, Any]:
+  return dict(model_type="clip_vision_model", image_size=cfg.image_size,
+              patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
+              intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+              num_attention_heads=cfg.num_heads, layer_norm_eps=cfg.layer_norm_eps,
+              hidden_act=cfg.hidden_act, num_channels=cfg.num_channels)
+
+
+def hf_llm_config(cfg: llm_lib.LLMConfig, tok) -> dict[str, Any]:
+  return dict(model_type=cfg.model_type, architectures=["LlamaForCausalLM"],
+              vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+              intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+              num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+              head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+              tie_word_embeddings=cfg.tie_word_embeddings, hidden_act="silu",
+              max_position_embeddings=cfg.max_position_embeddings,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id)
+
+
+def padded_vocab(tok) -> int:
+  from feallm_jax.models.feallm import VOCAB_MULTIPLE
+  return -(-len(tok) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+# --- a small shared training loop -------------------------------------------------------------
+
+def _prefetch(it: Iterator, depth: int = 3) -> Iterator:
+  """Host batches made in a thread while the device step runs (numpy/cv2 release the GIL)."""
+  q: queue.Queue = queue.Queue(depth)
+  stop = object()
+
+  def work():
+    for x in it:
+      q.put(x)
+    q.put(stop)
+  threading.Thread(target=work, daemon=True).start()
+  while (x := q.get()) is not stop:
+    yield x
+
+
+def _fit(model: nnx.Module, loss: Callable, batches: Iterator, *, steps: int, lr: float,
+         weight_decay: float, warmup: int, name: str, log_every: int = 100) -> list[dict]:
+  """AdamW + warmup-cosine on every nnx.Param of `model`; returns the logged history."""
+  sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, *batch):
+    (l, acc), g = nnx.value_and_grad(loss, has_aux=True)(model, *batch)
+    opt.update(model, g)
+    return l, acc
+
+  history, t0, acc_l, acc_a = [], time.perf_counter(), [], []
+  for i, batch in zip(range(1, steps + 1), _prefetch(batches)):
+    l, a = step(model, opt, *(jnp.asarray(x) for x in batch))
+    acc_l.append(l)
+    acc_a.append(a)
+    if i % log_every == 0 or i == steps:
+      rec = dict(step=i, loss=float(np.mean(jax.device_get(acc_l))),
+                 accuracy=float(np.mean(jax.device_get(acc_a))),
+                 seconds=round(time.perf_counter() - t0, 1))
+      history.append(rec)
+      acc_l, acc_a = [], []
+      log.info("stage0 %s step %d/%d loss %.4f acc %.3f (%.0f s)", name, i, steps, rec["loss"],
+               rec["accuracy"], rec["seconds"])
+      print(f"[stage0] {name} {i}/{steps} loss {rec['loss']:.4f} acc {rec['accuracy']:.3f} "
+            f"({rec['seconds']:.0f} s)", flush=True)
+  return history
+
+
+# --- vision ------------------------------------------------------------------------------------
+
+def _clip_batches(data: dict[str, np.ndarray], tok, vcfg: vision_lib.VisionConfig, batch: int,
+                  max_len: int, seed: int) -> Iterator[tuple]:
+  rng = np.random.default_rng([seed, 5])
+  aug = pipeline.Augment()
+  idents: dict[tuple[int, int], synthetic.Identity] = {}
+
+  def ident(s, i):
+    key = (int(s), int(i))
+    if key not in idents:
+      idents[key] = synthetic.make_identity("train", key[1], key[0])
+    return idents[key]
+  n = len(data["emotion"])
+  while True:
+    idx = rng.integers(0, n, batch)
+    px, caps, groups = [], [], []
+    for j in idx:
+      rec = dict(image=data["image"][j], has_landmarks=False, id="stage0")
+      px.append(pipeline.image_and_regions(rec, vcfg.image_size, rng, aug, False)[0])
+      aus = faces.active(data["au_present"][j])
+      idt = ident(data["seed"][j], data["subject"][j])
+      caps.append(captions.caption(int(data["emotion"][j]), aus, idt, rng))
+      # Same content = same label set and same appearance words (a wording-free caption).
+      groups.append(captions.caption(int(data["emotion"][j]), aus, idt, 0))
+    enc = tok(caps, padding="max_length", max_length=max_len, truncation=True,
+              add_special_tokens=False)
+    ids = np.asarray(enc["input_ids"], np.int32)
+    mask = np.asarray(enc["attention_mask"], np.int32)
+    _, group = np.unique(np.asarray(groups), return_inverse=True)
+    yield np.stack(px), ids, mask, group.astype(np.int32)
+
+
+def probe(vision: vision_lib.VisionEncoder, train: dict[str, np.ndarray],
+          test: dict[str, np.ndarray], feature_layer: int = -2) -> dict[str, Any]:
+  """Linear probes on frozen features: emotion (softmax) and each rendered AU (logistic).
+
+  Features: the mean of the `feature_layer` patch tokens (what FEALLM's projector reads) next
+  to the final class token. A measure of what stage 1 can read, not a training signal.
+  """
+  from feallm_jax.eval import metrics as metrics_lib
+  size = vision.cfg.image_size
+
+  @nnx.jit
+  def feats(vision, px):
+    h = vision(px)
+    return jnp.concatenate([h[feature_layer][:, 1:].mean(1), h[-1][:, 0]], -1)
+
+  def featurize(images):
+    out = []
+    for i in range(0, len(images), 256):
+      px = np.stack([pipeline.image_and_regions(dict(image=im, has_landmarks=False, id="p"),
+                                                size, None, None, False)[0]
+                     for im in images[i:i + 256]])
+      out.append(np.asarray(feats(vision, jnp.asarray(px))))
+    return np.concatenate(out)
+  xa, xb = featurize(train["image"]), featurize(test["image"])
+  mu, sd = xa.mean(0), xa.std(0) + 1e-6
+  xa, xb = (xa - mu) / sd, (xb - mu) / sd
+  rendered = [facs.au_index(a) for a in synthetic.RENDERED_AUS]
+  ya = np.concatenate([np.eye(len(facs.EMOTIONS))[train["emotion"]],
+                       train["au_present"][:, rendered]], 1).astype(np.float32)
+  w = _ridge_logistic(xa, ya, n_softmax=len(facs.EMOTIONS))
+  logits = np.c_[xb, np.ones(len(xb))] @ w
+  fer = float((logits[:, :len(facs.EMOTIONS)].argmax(1) == test["emotion"]).mean())
+  pred = (logits[:, len(facs.EMOTIONS):] > 0).astype(np.int64)
+  au = metrics_lib.au_f1(test["au_present"][:, rendered], pred, synthetic.RENDERED_AUS)
+  return dict(fer_accuracy=fer, au_mean_f1=au["mean_f1"],
+              au_f1={k: round(v, 4) for k, v in au["per_au_f1"].items()})
+
+
+def _ridge_logistic(x: np.ndarray, y: np.ndarray, n_softmax: int, steps: int = 300,
+                    l2: float = 1e-3) -> np.ndarray:
+  """Full-batch gradient descent for softmax (first n_softmax columns) + logistic heads."""
+  xb = jnp.asarray(np.c_[x, np.ones(len(x))], jnp.float32)
+  yb = jnp.asarray(y)
+
+  def loss(w):
+    z = xb @ w
+    ce = optax.softmax_cross_entropy(z[:, :n_softmax], yb[:, :n_softmax]).mean()
+    bce = optax.sigmoid_binary_cross_entropy(z[:, n_softmax:], yb[:, n_softmax:]).mean()
+    return ce + bce + l2 * jnp.sum(w[:-1] ** 2)
+  w = jnp.zeros((xb.shape[1], y.shape[1]), jnp.float32)
+  opt = optax.adam(0.05)
+  state = opt.init(w)
+
+  @jax.jit
+  def step(w, state):
+    g = jax.grad(loss)(w)
+    u, state = opt.update(g, state)
+    return optax.apply_updates(w, u), state
+  for _ in range(steps):
+    w, state = step(w, state)
+  return np.asarray(w)
+
+
+def _make_mesh():
+  return sharding.single_device_mesh()
+
+
+def vision_config(config) -> vision_lib.VisionConfig:
+  return vision_lib.VisionConfig.from_dict(config.vision)
+
+
+def train_vision(config, data: dict[str, np.ndarray], tok) -> tuple[
+    vision_lib.VisionEncoder, list[dict]]:
+  """CLIP-style pretraining of the vision tower on `data` (faces.render output)."""
+  c = config.clip
+  vcfg = vision_config(config)
+  tcfg = clip.TextTowerConfig(vocab_size=padded_vocab(tok), hidden_size=int(c.text_width),
+                              intermediate_size=2 * int(c.text_width),
+                              num_layers=int(c.text_layers), num_heads=int(c.text_heads),
+                              max_len=int(c.max_len))
+  with sharding.mesh_rules(_make_mesh()):
+    model = clip.CLIP(vcfg, tcfg, int(c.embed_dim), rngs=nnx.Rngs(int(config.seed)))
+    hist = _fit(model, clip.contrastive_loss,
+                _clip_batches(data, tok, vcfg, int(c.batch_size), int(c.max_len),
+                              int(config.seed)),
+                steps=int(c.steps), lr=float(c.lr), weight_decay=float(c.weight_decay),
+                warmup=int(c.warmup), name="vision (CLIP)")
+  return model.vision, hist
+
+
+def llm_config(config, tok) -> llm_lib.LLMConfig:
+  d = dict(config.llm)
+  d.pop("steps", None)
+  keep = {f.name for f in dataclasses.fields(llm_lib.LLMConfig)}
+  d = {k: v for k, v in d.items() if k in keep}
+  d["vocab_size"] = padded_vocab(tok)
+  return llm_lib.LLMConfig.from_dict(d)
+
+
+def train_llm(config, tok) -> tuple[llm_lib.Decoder, list[dict]]:
+  """Text pretraining of the LLM on the stage-0 corpus (`lm.py`)."""
+  t = config.lm
+  cfg = llm_config(config, tok)
+  with sharding.mesh_rules(_make_mesh()):
+    model = llm_lib.Decoder(cfg, rngs=nnx.Rngs(int(config.seed) + 1))
+    hist = _fit(model, lm.lm_loss,
+                lm.batches(tok, int(t.batch_size), int(t.max_len), tuple(config.seeds),
+                           int(config.seed)),
+                steps=int(t.steps), lr=float(t.lr), weight_decay=float(t.weight_decay),
+                warmup=int(t.warmup), name="llm (text)")
+  return model, hist
+
+
+def _test_faces(n: int, image_size: int) -> dict[str, np.ndarray]:
+  """The first n faces of the identity-disjoint test pool, as the synthetic_fea builder makes
+  them (seed 0, test split, JPEG): used only to *measure* the probe, never to train."""
+  imgs, emo, aus = [], [], []
+  for i in range(n):
+    r = synthetic.generate(i, split="test", seed=0, image_size=image_size)
+    imgs.append(faces._jpeg_round_trip(r["image"]))
+    emo.append(int(r["emotion"]))
+    aus.append(np.asarray(r["au_present"], np.int32))
+  return dict(image=np.stack(imgs), emotion=np.asarray(emo), au_present=np.stack(aus))
+
+
+def pretrain_backbones(config, out_dir: str, *, overwrite: bool = False) -> dict[str, Any]:
+  """Runs stage 0 and writes the base checkpoint to `out_dir`; returns the stage0.json record."""
+  from feallm_jax.weights import base_checkpoint
+  out_dir = os.path.abspath(out_dir)
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to replace it")
+  t0 = time.perf_counter()
+  tok = tok_lib.load(config.get("tokenizer", ""))
+  seeds = tuple(int(s) for s in config.seeds)
+  data = faces.render(seeds, int(config.faces_per_seed), int(config.render_size),
+                      workers=int(config.get("workers", 0)))
+  t_render = time.perf_counter() - t0
+  print(f"[stage0] rendered {len(data['emotion'])} faces from {len(seeds)} train pools of "
+        f"{synthetic.NUM_IDENTITIES['train']} identities ({t_render:.0f} s)", flush=True)
+  vision, vhist = train_vision(config, data, tok)
+  n_probe = int(config.get("probe_faces", 0))
+  quality = {}
+  if n_probe:
+    probe_train = {k: v[-min(4800, len(v)):] for k, v in data.items()}
+    quality = probe(vision, probe_train, _test_faces(n_probe, int(config.render_size)))
+    print(f"[stage0] linear probe on frozen features (test pool, {n_probe} faces): FER "
+          f"{quality['fer_accuracy']:.3f}, AU mean F1 {quality['au_mean_f1']:.3f}", flush=True)
+  del data
+  llm, lhist = train_llm(config, tok)
+  with sharding.mesh_rules(_make_mesh()):
+    fp = base_checkpoint.save(
+        out_dir, vision, llm, vision_hf_config=hf_vision_config(vision.cfg),
+        llm_hf_config=hf_llm_config(llm.cfg, tok),
+        tokenizer_dir=config.get("tokenizer", "") or tok_lib.TINY_DIR, overwrite=overwrite)
+  record = dict(
+      fingerprint=fp, config=json.loads(config.to_json()),
+      faces=dict(seeds=list(seeds), per_seed=int(config.faces_per_seed),
+                 identities=len(seeds) * synthetic.NUM_IDENTITIES["train"],
+                 split="train pools of seeds 1..N (the instruction set is seed 0; the test pool "
+                       "is never rendered for training)"),
+      vision_history=vhist, llm_history=lhist, probe=quality,
+      seconds=round(time.perf_counter() - t0, 1), jax_version=jax.__version__)
+  with open(os.path.join(out_dir, "stage0.json"), "w") as f:
+    json.dump(record, f, indent=1)
+  return record

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from feallm_jax import sharding
-from feallm_jax.data import facs, pipeline, synthetic, tokenizer as tok_lib
+from feallm_jax.data import facs, instructions, pipeline, synthetic, tokenizer as tok_lib
 from feallm_jax.models import llm as llm_lib, vision as vision_lib
 from feallm_jax.pretrain import captions, clip, faces, lm
 
@@ -288,6 +288,10 @@ def pretrain_backbones(config, out_dir: str, *, overwrite: bool = False) -> dict
           f"{quality['fer_accuracy']:.3f}, AU mean F1 {quality['au_mean_f1']:.3f}", flush=True)
   del data
   llm, lhist = train_llm(config, tok)
+  knows = text_check(llm, tok, seeds)
+  print(f"[stage0] LLM from captions alone: emotion accuracy "
+        f"{knows['fer_from_caption_accuracy']:.3f}, exact AU sets "
+        f"{knows['aus_from_caption_exact']:.3f}", flush=True)
   with sharding.mesh_rules(_make_mesh()):
     fp = base_checkpoint.save(
         out_dir, vision, llm, vision_hf_config=hf_vision_config(vision.cfg),
@@ -299,8 +303,45 @@ def pretrain_backbones(config, out_dir: str, *, overwrite: bool = False) -> dict
                  identities=len(seeds) * synthetic.NUM_IDENTITIES["train"],
                  split="train pools of seeds 1..N (the instruction set is seed 0; the test pool "
                        "is never rendered for training)"),
-      vision_history=vhist, llm_history=lhist, probe=quality,
+      vision_history=vhist, llm_history=lhist, probe=quality, llm_text_check=knows,
       seconds=round(time.perf_counter() - t0, 1), jax_version=jax.__version__)
   with open(os.path.join(out_dir, "stage0.json"), "w") as f:
     json.dump(record, f, indent=1)
   return record
+
+
+def text_check(llm: llm_lib.Decoder, tok, seeds: tuple[int, ...], n: int = 128,
+               seed: int = 1) -> dict[str, float]:
+  """What the text-pretrained LLM knows: from a caption alone (no image), the emotion (fer task)
+  and the AUs (aur task) of fresh train-pool faces, greedy, scored with the evaluator's parser."""
+  from feallm_jax.eval import generate as gen, parse
+  from feallm_jax.eval.feabench import eos_ids
+  rng = np.random.default_rng([seed, 11])
+  rows = {"fer": [], "aur": []}
+  while min(len(v) for v in rows.values()) < n:
+    kind, conv = lm.sample_text(rng, seeds, caption_frac=0.0, glossary_frac=0.0)
+    task = next((t for t in ("fer", "aur")
+                 if conv[0]["value"].endswith(tuple(instructions.PROMPTS[t]))), None)
+    if task is not None and len(rows[task]) < n:
+      rows[task].append(conv)
+  sampling = gen.SamplingConfig(max_new_tokens=48, eos_ids=eos_ids(tok), pad_id=tok.pad_token_id)
+  out = {}
+  for task, convs in rows.items():
+    enc = [tok_lib.encode_prompt(tok, c) for c in convs]
+    width = max(len(ids) for ids, _, _ in enc)
+    ids = np.full((len(enc), width), tok.pad_token_id, np.int32)
+    mask = np.zeros_like(ids)
+    for i, (x, _, _) in enumerate(enc):
+      ids[i, width - len(x):], mask[i, width - len(x):] = x, 1
+    with sharding.mesh_rules(_make_mesh()):
+      tokens, lengths = gen.generate(llm, dict(input_ids=ids, attention_mask=mask), sampling)
+    texts = gen.decode_tokens(tok, tokens, lengths, sampling.eos_ids)
+    refs = [ref for _, ref, _ in enc]
+    if task == "fer":
+      out["fer_from_caption_accuracy"] = float(np.mean(
+          [parse.parse_emotion(t) == parse.parse_emotion(r) for t, r in zip(texts, refs)]))
+    else:
+      out["aus_from_caption_exact"] = float(np.mean(
+          [parse.parse_aus(t) == parse.parse_aus(r) for t, r in zip(texts, refs)]))
+  return out
+

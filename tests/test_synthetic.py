@@ -174,3 +174,15 @@ def test_contact_sheet():
   os.makedirs(os.path.dirname(SHEET), exist_ok=True)
   sheet.save(SHEET)
   assert os.path.getsize(SHEET) > 10_000
+
+
+def test_occurring_aus_are_exactly_what_the_sampler_switches_on():
+  """The synthetic suite scores AU F1 over these: every one occurs, no other AU ever does."""
+  rng = np.random.default_rng(0)
+  seen = set()
+  for i in range(3000):
+    emotion = facs.RAF_DB[i % len(facs.RAF_DB)]
+    seen |= {a for a, v in synthetic.sample_expression(rng, emotion).items() if v > 0}
+  assert seen == set(synthetic.occurring_aus(facs.RAF_DB))
+  assert 14 not in seen                      # the dimpler belongs to contempt only
+  assert 14 in synthetic.occurring_aus(facs.AFFECTNET_8)

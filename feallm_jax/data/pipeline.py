@@ -85,7 +85,7 @@ def label_set(dataset: str) -> dict[str, Any]:
     return dict(emotions=None, aus=facs.DISFA_AUS)
   if name == "synthetic_fea":
     from feallm_jax.data import synthetic
-    return dict(emotions=facs.RAF_DB, aus=tuple(synthetic.RENDERED_AUS))
+    return dict(emotions=facs.RAF_DB, aus=synthetic.occurring_aus(facs.RAF_DB))
   return dict(emotions=None, aus=None)
 
 

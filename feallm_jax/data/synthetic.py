@@ -61,6 +61,21 @@ EXTRA_AUS: Mapping[str, tuple[int, ...]] = {
 }
 
 
+def occurring_aus(emotions: Sequence[str] = facs.RAF_DB) -> tuple[int, ...]:
+  """AUs that `sample_expression` can switch on for these emotions (prototypes, extras, and
+  AU25 wherever AU26/AU16 part the lips). An AU outside this set never occurs in the data (e.g.
+  AU14, the dimpler, exists only in contempt, which the 7-class set lacks), so it has no F1 and
+  is not scored."""
+  out: set[int] = set()
+  for e in emotions:
+    name = facs.emotion_name(e)
+    aus = set(facs.EMFACS_PROTOTYPES[name]) | set(EXTRA_AUS[name])
+    if aus & {16, 26}:
+      aus.add(25)
+    out |= aus
+  return tuple(sorted(out))
+
+
 def _check_tables():
   for e, proto in facs.EMFACS_PROTOTYPES.items():
     assert REQUIRED_AUS[e] <= proto, e

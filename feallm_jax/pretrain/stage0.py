@@ -165,14 +165,15 @@ def probe(vision: vision_lib.VisionEncoder, train: dict[str, np.ndarray],
   xa, xb = featurize(train["image"]), featurize(test["image"])
   mu, sd = xa.mean(0), xa.std(0) + 1e-6
   xa, xb = (xa - mu) / sd, (xb - mu) / sd
-  rendered = [facs.au_index(a) for a in synthetic.RENDERED_AUS]
+  scored = synthetic.occurring_aus(facs.RAF_DB)
+  rendered = [facs.au_index(a) for a in scored]
   ya = np.concatenate([np.eye(len(facs.EMOTIONS))[train["emotion"]],
                        train["au_present"][:, rendered]], 1).astype(np.float32)
   w = _ridge_logistic(xa, ya, n_softmax=len(facs.EMOTIONS))
   logits = np.c_[xb, np.ones(len(xb))] @ w
   fer = float((logits[:, :len(facs.EMOTIONS)].argmax(1) == test["emotion"]).mean())
   pred = (logits[:, len(facs.EMOTIONS):] > 0).astype(np.int64)
-  au = metrics_lib.au_f1(test["au_present"][:, rendered], pred, synthetic.RENDERED_AUS)
+  au = metrics_lib.au_f1(test["au_present"][:, rendered], pred, scored)
   return dict(fer_accuracy=fer, au_mean_f1=au["mean_f1"],
               au_f1={k: round(v, 4) for k, v in au["per_au_f1"].items()})
 

@@ -7,9 +7,10 @@ CLIP; it and both projections are discarded after pretraining. Captions (`captio
 redrawn every step (random wording), so the tower cannot match strings, only content.
 
 The loss is CLIP's symmetric InfoNCE with one change for a small label space: pairs whose
-captions describe the same content (same expression, movements and appearance) are all
-positives, with the target mass split evenly between them (otherwise identical captions in a
-batch would be pushed apart).
+captions describe the same expression (same emotion and movements, whatever the wording and the
+appearance words) are all positives, with the target mass split evenly between them. Otherwise
+same-content captions in a batch would be pushed apart, and, worse, appearance words (unique per
+person) would let both towers match pairs without looking at the expression at all.
 """
 from __future__ import annotations
 

@@ -267,16 +267,25 @@ def suite_metrics(records: Sequence[Mapping[str, Any]], suite: Suite, mode: str)
 
 def evaluate_model(model, config, suites: Sequence[str] | str | None = None,
                    mode: str | None = None, out_dir: str | None = None, *,
-                   progress: bool = True, meta: Mapping[str, Any] | None = None) -> dict:
+                   progress: bool = True, meta: Mapping[str, Any] | None = None,
+                   tasks: Sequence[str] | None = None) -> dict:
   """Evaluates a live model on ``suites``; writes every output to ``out_dir`` when given.
 
-  Returns ``{"meta": ..., "suites": {name: metrics}}`` (plus ``"files"`` when written).
+  ``tasks`` (optional) keeps only those tasks of each suite (e.g. ``("fer",)`` for a
+  closed-set FER pass in score mode). Returns ``{"meta": ..., "suites": {name: metrics}}``
+  (plus ``"files"`` when written).
   """
   from feallm_jax.data import tokenizer as tok_lib
   mode = mode or str(config.eval.get("mode", "generate"))
   if mode not in MODES:
     raise ValueError(f"eval mode must be one of {MODES}, got {mode!r}")
   chosen = resolve_suites(suites, config)
+  if tasks is not None:
+    chosen = [dataclasses.replace(s, tasks=tuple(t for t in s.tasks if t in tasks))
+              for s in chosen]
+    chosen = [s for s in chosen if s.tasks]
+    if not chosen:
+      raise ValueError(f"tasks={tuple(tasks)}: no suite has any of them")
   tok = tok_lib.load(config.data.get("tokenizer", ""))
   e = config.eval
   sampling = gen.SamplingConfig(
@@ -337,7 +346,8 @@ def load_model(config, workdir: str, checkpoint: int | str | None = None, mesh=N
 
 def evaluate(config, workdir: str, checkpoint: int | str | None = None,
              suites: Sequence[str] | str | None = None, mode: str | None = None, *,
-             out_dir: str | None = None, progress: bool = True) -> dict:
+             out_dir: str | None = None, progress: bool = True,
+             tasks: Sequence[str] | None = None) -> dict:
   """Restores ``workdir``'s checkpoint (latest unless given) and evaluates it.
 
   Outputs go to ``out_dir`` (default ``<workdir>/eval/step_<step>``).
@@ -345,4 +355,4 @@ def evaluate(config, workdir: str, checkpoint: int | str | None = None,
   model, step = load_model(config, workdir, checkpoint)
   out_dir = out_dir or os.path.join(workdir, "eval", f"step_{step}")
   return evaluate_model(model, config, suites, mode, out_dir, progress=progress,
-                        meta=dict(step=step, workdir=os.path.abspath(workdir)))
+                        meta=dict(step=step, workdir=os.path.abspath(workdir)), tasks=tasks)

@@ -12,6 +12,7 @@ from feallm_jax.data import builders, facs, instructions, pipeline, tokenizer as
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
   c = tiny_synthetic.get_config()
+  c.model.base_checkpoint = ""
   c.data.data_dir = str(tmp_path_factory.mktemp("data"))
   c.data.builder_config = "small"
   c.data.batch_size = 8

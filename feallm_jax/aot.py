@@ -226,7 +226,8 @@ def compile_eval(config, model, mesh, programs: Sequence[str]) -> dict[str, Comp
   st = eval_settings(config, mesh)
   b, n = st["padded_batch"], st["max_new_tokens"]
   sig = pipeline.batch_signature(config, b, train=False)
-  inputs = _abstract_batch({k: sig[k] for k in gen.PROMPT_KEYS_VISION}, mesh)
+  keys = gen.PROMPT_KEYS_VISION + tuple(k for k in gen.OPTIONAL_KEYS_VISION if k in sig)
+  inputs = _abstract_batch({k: sig[k] for k in keys}, mesh)
   graphdef, state = nnx.split(model)
   state = _concrete(state, mesh)
   rep = NamedSharding(mesh, P())

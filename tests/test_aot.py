@@ -46,7 +46,7 @@ def small_config():
   m.train_llm, m.train_vision = "lora", False
   m.lora.update(rank=RANK, alpha=256.0, dropout=0.0)
   m.frozen_dtype, m.compute_dtype = "bfloat16", "bfloat16"
-  c.data.update(max_len=64, batch_size=16)
+  c.data.update(max_len=64, batch_size=16, lca_image_size=0)
   c.optim.accum_steps = 2
   c.eval.update(batch_size=8, max_new_tokens=4)
   return c

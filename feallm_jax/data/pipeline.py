@@ -195,7 +195,11 @@ def batch_signature(config, batch_size: int, *, train: bool = True
   from feallm_jax.data import regions
   b, t, s = int(batch_size), int(config.data.max_len), int(config.model.vision.image_size)
   i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
-  sig = dict(image=((b, s, s, 3), f32), regions=((b, regions.NUM_REGIONS, 4), f32),
+  sig = dict(image=((b, s, s, 3), f32))
+  lca = int(config.data.get("lca_image_size", 0) or 0)
+  if lca:
+    sig["lca_image"] = ((b, lca, lca, 3), f32)
+  sig.update(regions=((b, regions.NUM_REGIONS, 4), f32),
              input_ids=((b, t), i32), attention_mask=((b, t), i32))
   if train:
     sig["loss_mask"] = ((b, t), i32)

@@ -7,10 +7,15 @@ Set the weights first (nothing is downloaded):
       --config.model.base_checkpoint=/path/base7b --config.data.tokenizer=/path/vicuna-7b-v1.5
 (or set model.vision.hf_path / model.llm.hf_path to local HF dirs instead of base_checkpoint).
 
-Mesh shapes (``--config.mesh.data=… --config.mesh.fsdp=…``), global batch 128 via accumulation:
+Mesh shapes (``--config.mesh.data=… --config.mesh.fsdp=…``), global batch 128 = 8 micro-batches
+of 16 (``data.batch_size`` is the global batch per update, ``optim.accum_steps`` splits it):
   TPU v5e-8  (8 x 16 GB):   data=1, fsdp=8, tensor=1   bf16 frozen base is sharded 8 ways
+  TPU v6e-8  (8 x 32 GB):   data=1, fsdp=8, tensor=1
+  TPU v5p-8  (4 chips):     data=1, fsdp=4, tensor=1
   TPU v4-32  (16 chips):    data=2, fsdp=8, tensor=1   (set --config.distributed=True)
   8-GPU host (8 x 80 GB):   data=8, fsdp=1, tensor=1   (or data=2, fsdp=4 on 40 GB cards)
+Check a mesh before queueing for it: ``python launch/aot_compile.py --config=configs/llava7b_lora.py
+--topology=v5e-8`` compiles the step for that slice on any machine (README).
 """
 
 import ml_collections
@@ -51,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.dataset = "llava_instruct"
   d.tokenizer = ""            # REQUIRED: the LLM's HF tokenizer dir
   d.max_len = 2048
-  d.batch_size = 16           # per optimizer micro-step; x accum_steps = global batch
+  d.batch_size = 128          # global batch per optimizer update (split into accum_steps)
   d.num_workers = 8
 
   o = c.optim
@@ -61,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   o.warmup_frac = 0.03
   o.schedule = "cosine"
   o.weight_decay = 0.0
-  o.accum_steps = 8
+  o.accum_steps = 8           # micro-batches of 16 (2 per chip on 8 chips)
 
   t = c.train
   t.num_steps = 5000

@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.frozen_dtype = "float32"
   m.compute_dtype = "float32"
   m.remat = False
+  # LLM causal attention: 'xla' (reference), 'splash' (Pallas TPU flash kernel), 'cudnn' (GPU),
+  # or 'auto' (splash on TPU, cuDNN on GPU where it accepts the shapes, else XLA).
+  m.attention = "xla"
 
   d = c.data = ml_collections.ConfigDict()
   d.dataset = "synthetic_fea"

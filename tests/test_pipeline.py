@@ -51,6 +51,8 @@ def test_train_batch_contract(cfg, tok):
   it = pipeline.train_iterator(cfg)
   b = next(it)
   _check_train_batch(b, cfg, tok, 8)
+  # the signature ahead-of-time compiles use (launch/aot_compile.py) is the real batch's
+  assert {k: (v.shape, v.dtype) for k, v in b.items()} == pipeline.batch_signature(cfg, 8)
   # the loss mask covers exactly the answer + end token of the drawn task
   for row in range(8):
     ids = b["input_ids"][row]
@@ -126,7 +128,9 @@ def test_eval_prompts_left_padded_and_padded_batches(cfg, tok):
   assert len(got) == 3   # 64 rows -> 3 global batches of 24, the last padded
   masks = np.concatenate([b["example_mask"] for b, _ in got])
   assert masks.sum() == n_rows and masks[n_rows:].sum() == 0
+  sig = pipeline.batch_signature(cfg, 24, train=False)
   for b, metas in got:
+    assert {k: (v.shape, v.dtype) for k, v in b.items()} == sig
     am = b["attention_mask"]
     assert (np.diff(am, axis=1) >= 0).all() and (am[:, -1] == 1).all()   # left padded
     assert ((b["input_ids"] == T.image_token_id(tok)).sum(1) == 1).all()

@@ -188,6 +188,26 @@ def image_and_regions(rec: dict, size: int, rng, aug: Augment | None, use_landma
   return views[0], boxes
 
 
+def batch_signature(config, batch_size: int, *, train: bool = True
+                    ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """``key -> (shape, dtype)`` of the global batches :func:`train_iterator` (``train``) or
+  :func:`eval_batches` (prompts) yield: what an ahead-of-time compile feeds the step."""
+  from feallm_jax.data import regions
+  b, t, s = int(batch_size), int(config.data.max_len), int(config.model.vision.image_size)
+  i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
+  sig = dict(image=((b, s, s, 3), f32))
+  lca = int(config.data.get("lca_image_size", 0) or 0)
+  if lca:
+    sig["lca_image"] = ((b, lca, lca, 3), f32)
+  sig.update(regions=((b, regions.NUM_REGIONS, 4), f32),
+             input_ids=((b, t), i32), attention_mask=((b, t), i32))
+  if train:
+    sig["loss_mask"] = ((b, t), i32)
+  sig.update(example_mask=((b,), i32), emotion=((b,), i32),
+             au_present=((b, len(facs.ALL_AUS)), i32), task=((b,), i32), truncated=((b,), i32))
+  return sig
+
+
 def fit_length(ids: np.ndarray, loss: np.ndarray, max_len: int, image_id: int,
                keep_tail: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
   """Cut a sequence to max_len without ever removing the image placeholder.

@@ -121,6 +121,32 @@ def _prefill(model, inputs, extra_len: int, mesh: Mesh | None):
   return last_logits, cache, cache_mask, next_pos
 
 
+def _decode_step(dec, prev: jax.Array, cache, cache_mask: jax.Array, pos: jax.Array,
+                 slot: jax.Array):
+  """One token per row: marks cache ``slot`` valid, runs ``prev [B,1]`` at positions ``pos``
+  through the decoder (writing its k/v at the cache index) -> (logits [B,V], cache, mask)."""
+  b = prev.shape[0]
+  cache_mask = jax.lax.dynamic_update_slice_in_dim(cache_mask, jnp.ones((b, 1), jnp.int32),
+                                                   slot, axis=1)
+  logits, cache = dec(inputs_embeds=dec.embed(prev), positions=pos[:, None],
+                      attention_mask=cache_mask, cache=cache)
+  return logits[:, -1], cache, cache_mask
+
+
+# The two halves of generation as separate programs, for ahead-of-time compilation and cost
+# analysis (``feallm_jax.aot``); ``generate`` runs both inside one compiled while loop.
+@functools.partial(jax.jit, static_argnames=("graphdef", "extra_len", "mesh"))
+def prefill_jit(graphdef, state, inputs, *, extra_len: int, mesh: Mesh | None):
+  """``_prefill`` of a split model: (last logits, cache, cache mask, next positions)."""
+  return _prefill(nnx.merge(graphdef, state), inputs, extra_len, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def decode_step_jit(graphdef, state, prev, cache, cache_mask, pos, slot):
+  """``_decode_step`` of a split model (the loop body of ``generate``), cache donated."""
+  return _decode_step(decoder_of(nnx.merge(graphdef, state)), prev, cache, cache_mask, pos, slot)
+
+
 def _select(logits: jax.Array, key: jax.Array, temperature, top_p, *, greedy: bool,
             nucleus: bool) -> jax.Array:
   """Greedy argmax, or a sample from the temperature-scaled (nucleus-truncated) distribution."""
@@ -165,11 +191,9 @@ def _generate_jit(graphdef, state, inputs, key, eos, pad_id, temperature, top_p,
   def body(state):
     step, tokens, done, lengths, cache, cache_mask, pos = state
     prev = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)  # [B,1]
-    cache_mask = jax.lax.dynamic_update_slice_in_dim(
-        cache_mask, jnp.ones((b, 1), jnp.int32), prompt_len + step - 1, axis=1)
-    logits, cache = dec(inputs_embeds=dec.embed(prev), positions=pos[:, None],
-                        attention_mask=cache_mask, cache=cache)
-    tok = select(logits[:, -1], jax.random.fold_in(key, step))
+    logits, cache, cache_mask = _decode_step(dec, prev, cache, cache_mask, pos,
+                                             prompt_len + step - 1)
+    tok = select(logits, jax.random.fold_in(key, step))
     tok = jnp.where(done, pad_id, tok)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
     lengths = lengths + (~done).astype(jnp.int32)

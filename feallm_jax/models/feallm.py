@@ -23,7 +23,7 @@ from absl import logging
 from flax import nnx
 
 from feallm_jax import sharding
-from feallm_jax.models import layers
+from feallm_jax.models import attention_kernels, layers
 from feallm_jax.models import llm as llm_lib
 from feallm_jax.models import local_clues as lca_lib
 from feallm_jax.models import lora as lora_lib
@@ -52,9 +52,14 @@ class FEALLMSpec:
   frozen_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: bool = False
+  attention: str = "xla"     # LLM causal attention: xla | splash | cudnn | auto (attention_kernels)
 
   def __post_init__(self):
     n_hidden = self.vision.num_layers + 1
+    attention_kernels.check_impl(self.attention)
+    if self.attention == "splash" and not attention_kernels.splash_supported(self.llm.head_dim):
+      raise ValueError(f"model.attention='splash' needs llm.head_dim % 128 == 0, got "
+                       f"{self.llm.head_dim}; use 'auto' (falls back to XLA) or 'xla'")
     if self.projector not in proj_lib.PROJECTORS:
       raise ValueError(f"model.projector must be one of {proj_lib.PROJECTORS}, "
                        f"got {self.projector!r}")
@@ -147,7 +152,8 @@ def spec_from_config(config) -> FEALLMSpec:
       train_llm=str(m.get("train_llm", "lora")), train_vision=bool(m.get("train_vision", False)),
       lora=lora_cfg, param_dtype=str(m.get("param_dtype", "float32")),
       frozen_dtype=str(m.get("frozen_dtype", "float32")),
-      compute_dtype=str(m.get("compute_dtype", "float32")), remat=bool(m.get("remat", False)))
+      compute_dtype=str(m.get("compute_dtype", "float32")), remat=bool(m.get("remat", False)),
+      attention=str(m.get("attention", "xla")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +185,7 @@ class FEALLM(nnx.Module):
     self.llm = llm_lib.Decoder(
         spec.llm, lora=spec.lora if spec.train_llm == "lora" else None, dtype=compute,
         param_dtype=train_dt if spec.train_llm == "full" else frozen_dt, remat=spec.remat,
+        attention=spec.attention,
         rngs=rngs)
 
   # -- vision side ------------------------------------------------------------------------------

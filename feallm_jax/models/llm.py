@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from feallm_jax.models import layers
+from feallm_jax.models import attention_kernels, layers
 from feallm_jax.models import lora as lora_lib
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -184,9 +184,10 @@ class KVCache:
 
 class Attention(nnx.Module):
   def __init__(self, cfg: LLMConfig, *, lora: lora_lib.LoRAConfig | None, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               attention: str = "xla", rngs: nnx.Rngs):
     d, h, hkv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, dh
+    self.impl = attention_kernels.check_impl(attention)
     kw = dict(param_type=layers.BaseParam, kernel_init=nnx.initializers.normal(0.02),
               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     t = (lambda name: lora.for_target(name)) if lora is not None else (lambda name: None)
@@ -197,7 +198,7 @@ class Attention(nnx.Module):
     self.o = layers.Dense(h * dh, d, axes=("heads", "embed"), use_bias=cfg.o_bias, lora=t("o"),
                           **kw)
 
-  def __call__(self, x, cos, sin, mask, kv, index):
+  def __call__(self, x, cos, sin, mask, kv, index, valid):
     b, t, _ = x.shape
     q = apply_rope(self.q(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
     k = apply_rope(self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
@@ -210,14 +211,14 @@ class Attention(nnx.Module):
                                         (0, 0, index, 0))
       kv = (ck, cv)
       out = layers.cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask)
-    else:
-      out = layers.attention(q, k, v, mask=mask)
+    else:   # full causal sequence (training, scoring): a flash kernel may serve it
+      out = attention_kernels.causal_attention(q, k, v, valid=valid, impl=self.impl)
     return self.o(out.reshape(b, t, self.num_heads * self.head_dim)), kv
 
 
 class DecoderLayer(nnx.Module):
   def __init__(self, cfg: LLMConfig, *, lora: lora_lib.LoRAConfig | None, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               attention: str = "xla", rngs: nnx.Rngs):
     d, m = cfg.hidden_size, cfg.intermediate_size
     norm = dict(eps=cfg.rms_norm_eps, param_type=layers.BaseParam, dtype=dtype,
                 param_dtype=param_dtype, rngs=rngs)
@@ -225,21 +226,38 @@ class DecoderLayer(nnx.Module):
               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     t = (lambda name: lora.for_target(name)) if lora is not None else (lambda name: None)
     self.attn_norm = layers.RMSNorm(d, **norm)
-    self.attn = Attention(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attn = Attention(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype,
+                          attention=attention, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(d, **norm)
     self.gate = layers.Dense(d, m, axes=("embed", "mlp"), lora=t("gate"), **kw)
     self.up = layers.Dense(d, m, axes=("embed", "mlp"), lora=t("up"), **kw)
     self.down = layers.Dense(m, d, axes=("mlp", "embed"), lora=t("down"), **kw)
 
-  def __call__(self, x, cos, sin, mask, kv, index):
-    h, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, index)
+  def __call__(self, x, cos, sin, mask, kv, index, valid):
+    h, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, index, valid)
     x = x + h
     y = self.mlp_norm(x)
     return x + self.down(jax.nn.silu(self.gate(y)) * self.up(y)), kv
 
 
-def _run_layer(layer, x, cos, sin, mask, kv, index):
-  return layer(x, cos, sin, mask, kv, index)
+def _run_layer(layer, x, cos, sin, mask, kv, index, valid):
+  return layer(x, cos, sin, mask, kv, index, valid)
+
+
+def _remat_layer(layer, x, cos, sin, mask, kv, index, valid):
+  """``_run_layer`` under ``jax.checkpoint``: only the layer's input is kept for the backward
+  pass, everything inside is recomputed. The layer goes in as split state and only its RNG
+  state (dropout counters) comes back out: ``nnx.remat`` writes every variable back, which
+  fails for weights merged from an outer trace (the train step's frozen base)."""
+  graphdef, state = nnx.split(layer)
+
+  def pure(state, *args):
+    module = nnx.merge(graphdef, state)
+    return module(*args), nnx.state(module, nnx.RngState)
+
+  out, rng = jax.checkpoint(pure)(state, x, cos, sin, mask, kv, index, valid)
+  nnx.update(layer, rng)
+  return out
 
 
 class Decoder(nnx.Module):
@@ -247,15 +265,17 @@ class Decoder(nnx.Module):
 
   def __init__(self, cfg: LLMConfig, *, lora: lora_lib.LoRAConfig | None = None,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, remat: bool = False,
-               rngs: nnx.Rngs):
+               attention: str = "xla", rngs: nnx.Rngs):
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     self.cfg, self.dtype, self.remat = cfg, dtype, bool(remat)
+    self.attention = attention_kernels.check_impl(attention)
     init = nnx.initializers.normal(0.02)
     self.embed_tokens = layers.param(layers.BaseParam, init, rngs.params(),
                                      (cfg.vocab_size, cfg.hidden_size), param_dtype,
                                      ("vocab", "embed"))
     self.layers = nnx.List([
-        DecoderLayer(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        DecoderLayer(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, attention=attention,
+                     rngs=rngs)
         for _ in range(cfg.num_layers)])
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_type=layers.BaseParam,
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -314,24 +334,29 @@ class Decoder(nnx.Module):
       raise ValueError(f"llm: attention_mask must be [B, {what}]={(b, s)}, got "
                        f"{tuple(attention_mask.shape)}")
 
-    # Causal by slot, keys restricted to valid slots; every query also sees its own slot so
-    # rows of padding queries stay finite (their outputs are ignored).
-    q_slot = jnp.arange(t)[:, None] + index
-    k_slot = jnp.arange(s)[None, :]
-    mask = (k_slot <= q_slot)[None, None]
-    if attention_mask is not None:
-      mask = mask & attention_mask.astype(bool)[:, None, None, :]
-    mask = mask | (k_slot == q_slot)[None, None]
+    # With a cache: causal by slot, keys restricted to valid slots; every query also sees its
+    # own slot so rows of padding queries stay finite (their outputs are ignored). Without one,
+    # the attention kernel builds the same mask from ``valid`` (or never materializes it).
+    mask = valid = None
+    if cache is not None:
+      q_slot = jnp.arange(t)[:, None] + index
+      k_slot = jnp.arange(s)[None, :]
+      mask = (k_slot <= q_slot)[None, None]
+      if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+      mask = mask | (k_slot == q_slot)[None, None]
+    else:
+      valid = attention_mask
 
     inv = jnp.asarray(rope_inv_freq(self.cfg))
     angles = positions.astype(jnp.float32)[..., None] * inv
     cos, sin = jnp.cos(angles), jnp.sin(angles)
 
-    run = nnx.remat(_run_layer) if self.remat else _run_layer
+    run = _remat_layer if self.remat else _run_layer
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = (cache.k[i], cache.v[i]) if cache is not None else None
-      x, kv = run(layer, x, cos, sin, mask, kv, index)
+      x, kv = run(layer, x, cos, sin, mask, kv, index, valid)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])

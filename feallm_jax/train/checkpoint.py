@@ -34,7 +34,8 @@ from grain._src.python.dataset import dataset as grain_dataset
 log = logging.getLogger(__name__)
 
 # Model keys that do not change the meaning of saved weights (a resume may change them).
-_RUNTIME_MODEL_KEYS = ("remat", "compute_dtype", "frozen_dtype", "hf_path", "base_checkpoint")
+_RUNTIME_MODEL_KEYS = ("remat", "compute_dtype", "frozen_dtype", "hf_path", "base_checkpoint",
+                       "attention")
 
 
 class CheckpointMismatchError(ValueError):

@@ -13,6 +13,7 @@ schedules count updates and span ``train.num_steps``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,7 +50,7 @@ def group_sizes(var_state: nnx.State) -> dict[str, int]:
   """Number of trainable scalars per group (for the start-up overview)."""
   out = {g: 0 for g in GROUPS}
   for _, var in nnx.to_flat_state(var_state):
-    out[group_of(var)] += int(var[...].size)
+    out[group_of(var)] += math.prod(var.get_value().shape)   # abstract values too
   return out
 
 

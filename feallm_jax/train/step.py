@@ -48,9 +48,11 @@ def dtype_of(name: str):
 
 def _cast_floats(tree: Any, dtype) -> Any:
   def cast(x):
-    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
-      return x.astype(dtype)
-    return x
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
   return jax.tree.map(cast, tree)
 
 
@@ -87,60 +89,98 @@ class Trainer:
     frozen_dtype = config.model.get("frozen_dtype", "")
     if frozen_dtype:
       frozen = _cast_floats(frozen, dtype_of(frozen_dtype))
-    self.frozen = frozen
+    params, rest = nnx.as_pure(params_v), nnx.as_pure(rest_v)
+    # An abstract model (``feallm.abstract_model``: ShapeDtypeStructs) gives an abstract trainer:
+    # shardings and the compiled step exist, no buffer does (ahead-of-time compilation).
+    self.is_abstract = any(isinstance(x, jax.ShapeDtypeStruct)
+                           for x in jax.tree.leaves((params, frozen, rest)))
     with jax.set_mesh(mesh):
-      params = nnx.as_pure(params_v)
-      opt_state = self._shard_over_fsdp(self.tx.init(params))
-      zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: each one is donated
-      state = TrainState(step=zero(), updates=zero(), params=params, opt_state=opt_state,
-                         rest=nnx.as_pure(rest_v), skipped=zero(), bad_streak=zero())
-    self._initial = self._place(state)
-    self.state_shardings = jax.tree.map(lambda x: x.sharding, self._initial)
+      shapes = jax.eval_shape(self._fresh_state, params, rest)
+    self.state_shardings = self._state_shardings(shapes, params, rest)
     self._abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._initial)
-    self.frozen = self._place(self.frozen)
-    self.frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+        self.state_shardings)
+    self.frozen_shardings = jax.tree.map(self._own_or_replicated, frozen)
+    if self.is_abstract:
+      self._initial = None
+      self.frozen = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen,
+          self.frozen_shardings)
+    else:
+      with jax.set_mesh(mesh):
+        state = self._fresh_state(params, rest)
+      self._initial = jax.device_put(state, self.state_shardings)
+      self.frozen = jax.device_put(frozen, self.frozen_shardings)
     self._compiled: dict[Any, Any] = {}
 
   # -- state ---------------------------------------------------------------------------------
 
-  def _place(self, tree: Any) -> Any:
-    """Arrays not yet laid out on this mesh (scalars, counts) become replicated on it."""
-    replicated = NamedSharding(self.mesh, P())
+  def _fresh_state(self, params: Any, rest: Any) -> TrainState:
+    zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: each one is donated
+    return TrainState(step=zero(), updates=zero(), params=params, opt_state=self.tx.init(params),
+                      rest=rest, skipped=zero(), bad_streak=zero())
 
-    def place(x):
-      s = getattr(x, "sharding", None)
-      if isinstance(s, NamedSharding) and s.mesh.shape_tuple == self.mesh.shape_tuple and (
-          s.mesh.devices.tolist() == self.mesh.devices.tolist()):
-        return x
-      return jax.device_put(x, replicated)
-    return jax.tree.map(place, tree)
+  def _own_or_replicated(self, x: Any) -> NamedSharding:
+    """The array's own sharding when it is laid out on this mesh, else replicated on it."""
+    s = getattr(x, "sharding", None)
+    if isinstance(s, NamedSharding) and s.mesh.shape_tuple == self.mesh.shape_tuple:
+      if isinstance(s.mesh, jax.sharding.AbstractMesh):    # abstract build: spec only
+        return NamedSharding(self.mesh, s.spec)
+      if s.mesh.devices.tolist() == self.mesh.devices.tolist():
+        return s
+    return NamedSharding(self.mesh, P())
 
-  def _shard_over_fsdp(self, tree: Any) -> Any:
+  def _zero1(self, shape: tuple[int, ...], s: NamedSharding) -> NamedSharding:
     """ZeRO-1 for weights the rules replicate (projector, LCA, norms): their Adam moments are
     split over ``fsdp`` along the first free divisible dimension, so optimizer memory per device
     falls with the fsdp size even where parameters stay replicated."""
     n = self.mesh.shape.get("fsdp", 1)
-    if n <= 1:
-      return tree
+    if n <= 1 or not shape:
+      return s
+    spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
+    axes = [() if e is None else ((e,) if isinstance(e, str) else tuple(e)) for e in spec]
+    if any("fsdp" in a for a in axes):
+      return s
+    for d in range(len(shape)):
+      # A dimension split only over size-1 mesh axes is as good as free.
+      if all(self.mesh.shape[a] == 1 for a in axes[d]) and shape[d] % n == 0:
+        spec[d] = "fsdp"
+        return NamedSharding(self.mesh, P(*spec))
+    return s
 
-    def reshard(x):
-      s = getattr(x, "sharding", None)
-      if not isinstance(s, NamedSharding) or x.ndim == 0:
-        return x
-      spec = list(s.spec) + [None] * (x.ndim - len(s.spec))
-      used = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
-      if "fsdp" in used:
-        return x
-      for d in range(x.ndim):
-        if spec[d] is None and x.shape[d] % n == 0:
-          spec[d] = "fsdp"
-          return jax.device_put(x, NamedSharding(self.mesh, P(*spec)))
-      return x
-    return jax.tree.map(reshard, tree)
+  def _state_shardings(self, shapes: TrainState, params: Any, rest: Any) -> TrainState:
+    """Shardings of the whole train state, derived from shapes alone (nothing allocated).
+
+    Parameters keep their own sharding; an optimizer-state leaf that mirrors a parameter (same
+    tree path suffix and shape: Adam's moments) takes the parameter's sharding, then ZeRO-1;
+    everything else (counts, RNG state) is replicated unless it already lives on this mesh.
+    """
+    by_path = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+      by_path[tuple(jax.tree_util.keystr((k,)) for k in path)] = (
+          tuple(x.shape), self._own_or_replicated(x))
+
+    def opt_leaf(path, x):
+      keys = tuple(jax.tree_util.keystr((k,)) for k in path)
+      for i in range(len(keys)):
+        hit = by_path.get(keys[i:])
+        if hit is not None and hit[0] == tuple(x.shape):
+          return self._zero1(tuple(x.shape), hit[1])
+      return NamedSharding(self.mesh, P())
+
+    own = lambda tree: jax.tree.map(self._own_or_replicated, tree)
+    replicated = NamedSharding(self.mesh, P())
+    return TrainState(
+        step=replicated, updates=replicated, params=own(params),
+        opt_state=jax.tree_util.tree_map_with_path(opt_leaf, shapes.opt_state),
+        rest=own(rest),
+        skipped=replicated, bad_streak=replicated)
 
   def initial_state(self) -> TrainState:
     """The freshly initialized state (hand it over once: the step donates its input)."""
+    if self.is_abstract:
+      raise RuntimeError("this Trainer was built from an abstract model: it has shapes and "
+                         "shardings only (use lower() to compile its step ahead of time)")
     state, self._initial = self._initial, None
     if state is None:
       raise RuntimeError("initial_state() was already taken; it is donated to the first step")
@@ -233,6 +273,18 @@ class Trainer:
                    donate_argnums=(0,))
       self._compiled[key] = fn
     return fn
+
+  def lower(self, batch: Mapping[str, Any]):
+    """Lowers the exact step :meth:`step` runs (same jit, shardings and donation) for batches
+    shaped like ``batch`` (arrays or ShapeDtypeStructs): nothing is allocated, and
+    ``.compile()`` gives XLA's memory and cost analysis for the mesh's devices, which may be
+    an ahead-of-time TPU topology (``feallm_jax.aot``)."""
+    shardings = self.batch_shardings(batch)
+    spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    abstract_batch = {k: spec(v, shardings[k]) for k, v in batch.items()}
+    frozen = jax.tree.map(spec, self.frozen, self.frozen_shardings)
+    with jax.set_mesh(self.mesh):
+      return self.jitted(batch).lower(self._abstract, frozen, abstract_batch)
 
   def step(self, state: TrainState, batch: Mapping[str, jax.Array]):
     """One update; ``state`` is donated (do not reuse it)."""

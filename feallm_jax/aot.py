@@ -1,0 +1,447 @@
+"""Ahead-of-time compilation of FEALLM for a TPU topology, on any host (no TPU needed).
+
+With ``libtpu`` installed (``pip install -e '.[tpu]'``), ``jax.experimental.topologies`` makes
+compile-only devices of a TPU slice; a mesh over them, ``ShapeDtypeStruct`` inputs with
+``NamedSharding`` s and ``jit(...).lower(...).compile()`` run the real TPU compiler. Nothing is
+allocated: the model is built with ``nnx.eval_shape`` and the train state is the abstract one
+of :class:`feallm_jax.train.step.Trainer`. The compiled programs are the exact ones training
+and evaluation run: ``Trainer.jitted`` (same shardings and donation) and
+``eval.generate``'s jitted generation, prefill and decode step.
+
+From each compiled program this reads, per device: ``memory_analysis()`` (argument, output,
+aliased and temporary bytes) and ``cost_analysis()`` (FLOPs, bytes accessed). Two facts of
+XLA's accounting matter:
+
+* a ``while`` loop body is counted once, so the train step's counts cover one gradient-
+  accumulation micro-batch (plus the optimizer update, < 0.1 % of it); per-step numbers are
+  ``accum_steps x`` that;
+* Pallas kernels (splash attention) are custom calls XLA does not cost, so with
+  ``model.attention='splash'`` the attention FLOPs are missing from ``compiled`` and the
+  analytic kernel FLOPs are added back (``flops.train_step``'s attention term, noted in the
+  report).
+
+``LIBTPU_INIT_ARGS=--xla_tpu_no_crash_on_oom=true`` (set by :func:`init_libtpu` before jax
+starts) makes a program that does not fit still compile, so its memory can be reported and its
+largest buffers named instead of one line of RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from feallm_jax import chips
+
+NO_CRASH_ON_OOM = "--xla_tpu_no_crash_on_oom=true"
+PROGRAMS = ("train", "prefill", "decode", "generate")
+
+
+def init_libtpu() -> None:
+  """Call before jax initializes: CPU as the runtime backend (no TPU is attached), and a
+  compiler that reports an oversized program instead of refusing it."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  # Compile-only use attaches no TPU: several compiles (CI, parallel recipes) may share a host.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  args = os.environ.get("LIBTPU_INIT_ARGS", "")
+  if NO_CRASH_ON_OOM not in args:
+    os.environ["LIBTPU_INIT_ARGS"] = (args + " " + NO_CRASH_ON_OOM).strip()
+
+
+def libtpu_available() -> bool:
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def topology_devices(slice_: chips.Slice) -> list:
+  """Compile-only devices of a TPU slice (needs libtpu, not a TPU)."""
+  if not libtpu_available():
+    raise RuntimeError("ahead-of-time TPU compilation needs libtpu: pip install -e '.[tpu]' "
+                       "(a separate venv is fine; see README 'Compile for TPU without a TPU')")
+  from jax.experimental import topologies
+  kw = {}
+  if slice_.chips_per_host_bounds is not None:
+    kw["chips_per_host_bounds"] = slice_.chips_per_host_bounds
+  topo = topologies.get_topology_desc(platform="tpu", topology_name=slice_.topology,
+                                      chip_config_name=slice_.chip_config, **kw)
+  devices = list(topo.devices)
+  kind = devices[0].device_kind
+  if kind != slice_.spec.device_kind:
+    raise RuntimeError(f"topology {slice_.topology!r} gave {kind!r} devices, expected "
+                       f"{slice_.spec.device_kind!r} for {slice_.name}")
+  return devices
+
+
+# -- bytes ------------------------------------------------------------------------------------
+
+def shard_bytes(x: Any) -> int:
+  """Bytes of the largest shard of one (abstract) array on one device."""
+  shape = tuple(x.shape)
+  s = getattr(x, "sharding", None)
+  if s is not None:
+    shape = tuple(s.shard_shape(shape))
+  return int(math.prod(shape)) * int(np.dtype(x.dtype).itemsize if not hasattr(
+      x.dtype, "itemsize") else x.dtype.itemsize)
+
+
+def tree_bytes(tree: Any) -> int:
+  import jax
+  return sum(shard_bytes(x) for x in jax.tree.leaves(tree))
+
+
+def largest_leaves(tree: Any, prefix: str, n: int) -> list[tuple[str, int]]:
+  import jax
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  rows = [(prefix + jax.tree_util.keystr(p), shard_bytes(x)) for p, x in flat]
+  return sorted(rows, key=lambda r: -r[1])[:n]
+
+
+_DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+                "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([\d,]*)\][^ ]*\s+([\w\-]+)\(")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(")
+_CALLS = re.compile(r"fusion\(.*calls=%?([\w.\-]+)")
+_OPNAME = re.compile(r'op_name="([^"]+)"')
+
+
+def largest_hlo_values(hlo_text: str, n: int) -> list[dict[str, Any]]:
+  """The largest per-device arrays the optimized HLO materializes (fusion internals excluded),
+  each with the JAX operation that produced it: where the temporary memory goes."""
+  fused = set(_CALLS.findall(hlo_text))
+  rows, comp = [], None
+  for line in hlo_text.splitlines():
+    if line and not line.startswith(" ") and "{" in line:
+      m = _COMP.match(line)
+      comp = m.group(1) if m else None
+      continue
+    if comp is None or comp in fused:
+      continue
+    m = _INSTR.match(line)
+    if not m or m.group(4) in ("parameter", "get-tuple-element", "bitcast", "constant", "tuple"):
+      continue
+    dt, dims = m.group(2), m.group(3)
+    if dt not in _DTYPE_BYTES:
+      continue
+    size = math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dt]
+    op = _OPNAME.search(line)
+    rows.append(dict(bytes=int(size), shape=f"{dt}[{dims}]", hlo=m.group(1), kind=m.group(4),
+                     op=op.group(1) if op else ""))
+  rows.sort(key=lambda r: -r["bytes"])
+  return rows[:n]
+
+
+# -- compiled programs ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Compiled:
+  """One compiled program's per-device memory and cost."""
+  name: str
+  memory: dict[str, int]
+  cost: dict[str, float]
+  executable: Any
+
+  @property
+  def hlo_text(self) -> str:
+    """The optimized HLO (hundreds of MB for the 7B step: only printed when needed)."""
+    return self.executable.as_text()
+
+
+def analyze(name: str, compiled) -> Compiled:
+  mem = compiled.memory_analysis()
+  memory = dict(argument=int(mem.argument_size_in_bytes), output=int(mem.output_size_in_bytes),
+                alias=int(mem.alias_size_in_bytes), temp=int(mem.temp_size_in_bytes),
+                code=int(mem.generated_code_size_in_bytes))
+  memory["total"] = (memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+                     + memory["code"])
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  optimal = float(cost.get("optimal_seconds", -1.0))   # the TPU cost model's estimate
+  return Compiled(name, memory, dict(flops=float(cost.get("flops", 0.0)),
+                                     bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+                                     optimal_seconds=optimal if optimal >= 0 else None),
+                  compiled)
+
+
+def _concrete(tree: Any, mesh) -> Any:
+  """Abstract-mesh shardings (from ``nnx.eval_shape``) -> the same specs on ``mesh``."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  def fix(x):
+    s = getattr(x, "sharding", None)
+    spec = s.spec if isinstance(s, NamedSharding) else P()
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+  return jax.tree.map(fix, tree)
+
+
+def _abstract_batch(signature: Mapping[str, tuple], mesh) -> dict:
+  import jax
+  from feallm_jax import sharding
+  return {k: jax.ShapeDtypeStruct(shape, dtype,
+                                  sharding=sharding.batch_sharding(mesh, len(shape)))
+          for k, (shape, dtype) in signature.items()}
+
+
+def compile_train(config, model, mesh):
+  """(Compiled, Trainer, abstract batch) of the exact train step."""
+  from feallm_jax.data import pipeline
+  from feallm_jax.models import feallm
+  from feallm_jax.train import step as step_lib
+  trainer = step_lib.Trainer(config, model, mesh, loss_fn=feallm.loss_fn,
+                             trainable=feallm.trainable_filter(config))
+  sig = pipeline.batch_signature(config, int(config.data.batch_size), train=True)
+  batch = _abstract_batch(sig, mesh)
+  return analyze("train", trainer.lower(batch).compile()), trainer, batch
+
+
+def eval_settings(config, mesh) -> dict[str, int]:
+  from feallm_jax import sharding
+  e = config.eval
+  b = int(e.get("batch_size", 0) or config.data.eval_batch_size)
+  shards = sharding.batch_shards(mesh)
+  b_dev = -(-b // shards) * shards           # generate() pads the batch to the shards
+  return dict(batch_size=b, padded_batch=b_dev, max_new_tokens=int(e.get("max_new_tokens", 48)),
+              prompt_len=int(config.data.max_len))
+
+
+def compile_eval(config, model, mesh, programs: Sequence[str]) -> dict[str, Compiled]:
+  """Generation (prefill + decode loop), prefill and one decode step, as evaluation runs them."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from feallm_jax.data import pipeline
+  from feallm_jax.eval import generate as gen
+  from feallm_jax.models import llm as llm_lib
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  st = eval_settings(config, mesh)
+  b, n = st["padded_batch"], st["max_new_tokens"]
+  sig = pipeline.batch_signature(config, b, train=False)
+  keys = gen.PROMPT_KEYS_VISION + tuple(k for k in gen.OPTIONAL_KEYS_VISION if k in sig)
+  inputs = _abstract_batch({k: sig[k] for k in keys}, mesh)
+  graphdef, state = nnx.split(model)
+  state = _concrete(state, mesh)
+  rep = NamedSharding(mesh, P())
+  scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)
+  out: dict[str, Compiled] = {}
+  with jax.set_mesh(mesh):
+    if "generate" in programs:
+      key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                 sharding=rep)
+      eos = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep)
+      lowered = gen._generate_jit.lower(
+          graphdef, state, inputs, key, eos, scalar(jnp.int32), scalar(jnp.float32),
+          scalar(jnp.float32), max_new_tokens=n, greedy=True, nucleus=False, mesh=mesh)
+      out["generate"] = analyze("generate", lowered.compile())
+    if "prefill" in programs:
+      lowered = gen.prefill_jit.lower(graphdef, state, inputs, extra_len=n, mesh=mesh)
+      out["prefill"] = analyze("prefill", lowered.compile())
+    if "decode" in programs:
+      dgraph, dstate = nnx.split(model.llm)
+      dstate = _concrete(dstate, mesh)
+      cfg = model.llm.cfg
+      s = model.spec.expanded_length(st["prompt_len"]) + n
+      batch_sh = lambda nd: NamedSharding(mesh, P(("data", "fsdp"), *([None] * (nd - 1))))
+      kv = jax.ShapeDtypeStruct((b, cfg.num_kv_heads, s, cfg.head_dim), model.llm.dtype,
+                                sharding=batch_sh(4))
+      cache = llm_lib.KVCache(k=(kv,) * cfg.num_layers, v=(kv,) * cfg.num_layers,
+                              index=scalar(jnp.int32))
+      lowered = gen.decode_step_jit.lower(
+          dgraph, dstate, jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=batch_sh(2)), cache,
+          jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=batch_sh(2)),
+          jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh(1)), scalar(jnp.int32))
+      out["decode"] = analyze("decode", lowered.compile())
+  return out
+
+
+# -- the report -------------------------------------------------------------------------------
+
+def roofline(flops: float, bytes_accessed: float, chip: chips.Chip) -> dict[str, float]:
+  t_compute, t_memory = flops / chip.peak_bf16_flops, bytes_accessed / chip.hbm_bandwidth
+  return dict(compute_s=t_compute, memory_s=t_memory, step_s=max(t_compute, t_memory),
+              bound="compute" if t_compute >= t_memory else "memory")
+
+
+def _fits(memory: dict[str, int], chip: chips.Chip) -> dict[str, Any]:
+  return dict(hbm_usable=chip.hbm_usable, fits=memory["total"] <= chip.hbm_usable,
+              headroom=chip.hbm_usable - memory["total"])
+
+
+def run(config, topology: str, *, programs: Sequence[str] = PROGRAMS, top: int = 8
+        ) -> dict[str, Any]:
+  """Compiles ``programs`` of ``config`` for ``topology`` and returns the report (a dict)."""
+  import jax
+  from feallm_jax import flops as flops_lib, sharding
+  from feallm_jax.models import feallm
+
+  unknown = set(programs) - set(PROGRAMS)
+  if unknown:
+    raise ValueError(f"--programs: unknown {sorted(unknown)}; choose from {PROGRAMS}")
+  slice_ = chips.resolve(topology)
+  chip = slice_.spec
+  devices = topology_devices(slice_)
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  n_dev = len(devices)
+  spec = feallm.spec_from_config(config)
+  model = feallm.abstract_model(spec, mesh)      # validates the sharding rules; allocates nothing
+  counts = feallm.parameter_counts(model, spec)["total"]
+  report: dict[str, Any] = dict(
+      config=str(config.get("name", "")), topology=slice_.name, topology_name=slice_.topology,
+      devices=n_dev, device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+      chip=dataclasses.asdict(chip), jax=jax.__version__, libtpu=_libtpu_version(),
+      attention=spec.attention, remat=spec.remat,
+      params=dict(trainable=int(counts["trainable"]), frozen=int(counts["frozen"]),
+                  **flops_lib.summary(spec)),
+      programs={})
+
+  if "train" in programs:
+    comp, trainer, batch = compile_train(config, model, mesh)
+    k = trainer.accum_steps
+    b = int(config.data.batch_size)
+    state = trainer.abstract_state()
+    breakdown = dict(params=tree_bytes(state.params), opt_state=tree_bytes(state.opt_state),
+                     rng_and_counters=tree_bytes((state.rest, state.step, state.updates,
+                                                  state.skipped, state.bad_streak)),
+                     frozen=tree_bytes(trainer.frozen), batch=tree_bytes(batch))
+    analytic = flops_lib.train_step(spec, int(config.data.max_len))
+    model_flops_dev = analytic["total"] * b / n_dev
+    compiled_counted = comp.cost["flops"]
+    kernel_flops = 0.0
+    if _uses_splash(spec):      # XLA does not cost Pallas kernels: add the attention back
+      kernel_flops = analytic["attention"] * (b / k) / n_dev
+    step_flops = k * (compiled_counted + kernel_flops)
+    step_bytes = k * comp.cost["bytes_accessed"]
+    rl = roofline(step_flops, step_bytes, chip)
+    entry = dict(
+        global_batch=b, accum_steps=k, micro_batch=b // k,
+        llm_tokens=flops_lib.llm_tokens(spec, int(config.data.max_len)),
+        memory=dict(comp.memory, **breakdown),
+        argument_check=dict(expected=sum(breakdown.values()), compiled=comp.memory["argument"]),
+        flops=dict(compiled_counted=compiled_counted, pallas_kernel_flops_added=kernel_flops,
+                   compiled_per_step=step_flops, analytic_per_step=model_flops_dev,
+                   analytic_parts_per_example=analytic,
+                   ratio=step_flops / model_flops_dev if model_flops_dev else 0.0),
+        bytes_accessed_per_step=step_bytes,
+        xla_optimal_seconds_per_step=(k * comp.cost["optimal_seconds"]
+                                      if comp.cost["optimal_seconds"] is not None else None),
+        roofline=dict(rl, mfu_bound=model_flops_dev / (rl["step_s"] * chip.peak_bf16_flops),
+                      tokens_per_s=b * flops_lib.llm_tokens(spec, int(config.data.max_len))
+                      / rl["step_s"]),
+        **_fits(comp.memory, chip))
+    if not entry["fits"]:
+      entry["largest"] = dict(
+          arguments=largest_leaves(state.params, "params", top)
+          + largest_leaves(state.opt_state, "opt_state", top)
+          + largest_leaves(trainer.frozen, "frozen", top),
+          temporaries=largest_hlo_values(comp.hlo_text, top))
+      entry["largest"]["arguments"] = sorted(entry["largest"]["arguments"],
+                                             key=lambda r: -r[1])[:top]
+    report["programs"]["train"] = entry
+
+  eval_programs = [p for p in programs if p != "train"]
+  if eval_programs:
+    st = eval_settings(config, mesh)
+    comps = compile_eval(config, model, mesh, eval_programs)
+    b = st["padded_batch"]
+    s_cache = spec.expanded_length(st["prompt_len"]) + st["max_new_tokens"]
+    for name, comp in comps.items():
+      entry = dict(batch=b, prompt_len=st["prompt_len"], max_new_tokens=st["max_new_tokens"],
+                   memory=comp.memory, **_fits(comp.memory, chip))
+      if name == "prefill":
+        analytic = flops_lib.prefill(spec, st["prompt_len"])["total"] * b / n_dev
+      elif name == "decode":
+        analytic = flops_lib.decode_token(spec, s_cache)["total"] * b / n_dev
+      else:
+        analytic = None
+      if analytic is not None:
+        fl = comp.cost["flops"]        # generation attends through the cache: plain XLA
+        rl = roofline(fl, comp.cost["bytes_accessed"], chip)
+        entry.update(flops=dict(compiled=fl, analytic=analytic, ratio=fl / analytic),
+                     bytes_accessed=comp.cost["bytes_accessed"],
+                     xla_optimal_seconds=comp.cost["optimal_seconds"],
+                     roofline=dict(rl, mfu_bound=analytic / (rl["step_s"] * chip.peak_bf16_flops)))
+        if name == "decode":
+          entry["roofline"]["tokens_per_s"] = b / rl["step_s"]
+      if not entry["fits"]:
+        entry["largest"] = dict(temporaries=largest_hlo_values(comp.hlo_text, top))
+      report["programs"][name] = entry
+  report["fits"] = all(p["fits"] for p in report["programs"].values())
+  return report
+
+
+def _uses_splash(spec) -> bool:
+  """The LLM's training attention compiles to the Pallas kernel for a TPU target."""
+  from feallm_jax.models import attention_kernels
+  return spec.attention == "splash" or (
+      spec.attention == "auto" and attention_kernels.splash_supported(spec.llm.head_dim))
+
+
+def _libtpu_version() -> str:
+  try:
+    from importlib import metadata
+    return metadata.version("libtpu")
+  except Exception:  # noqa: BLE001
+    return ""
+
+
+def _gib(x: float) -> str:
+  return f"{x / chips.GIB:.2f}"
+
+
+def format_report(r: Mapping[str, Any]) -> str:
+  """A readable table of :func:`run`'s report."""
+  chip = r["chip"]
+  lines = [f"{r['config']} on {r['topology']} ({r['devices']} x {r['device_kind']}, mesh "
+           f"{r['mesh']}), attention={r['attention']}, remat={r['remat']}",
+           f"chip: {chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
+           f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s, HBM usable {_gib(chip['hbm_usable'])} GiB "
+           f"({chip['source']})",
+           f"params: {r['params']['trainable']:,} trainable, {r['params']['frozen']:,} frozen", ""]
+  for name, p in r["programs"].items():
+    m = p["memory"]
+    head = f"[{name}] {'fits' if p['fits'] else 'DOES NOT FIT'}: total {_gib(m['total'])} of " \
+           f"{_gib(p['hbm_usable'])} GiB per device (headroom {_gib(p['headroom'])} GiB)"
+    lines.append(head)
+    if name == "train":
+      lines.append(f"  batch {p['global_batch']} = {p['accum_steps']} x {p['micro_batch']}, "
+                   f"{p['llm_tokens']} LLM tokens per example")
+      lines.append("  per device GiB: params {} | opt_state {} | frozen {} | batch {} | temp {} "
+                   "| output-alias {}".format(
+                       _gib(m["params"]), _gib(m["opt_state"]), _gib(m["frozen"]),
+                       _gib(m["batch"]), _gib(m["temp"]), _gib(m["output"] - m["alias"])))
+      f = p["flops"]
+      lines.append(f"  FLOPs/step/device: compiled {f['compiled_per_step'] / 1e12:.1f} T, model "
+                   f"{f['analytic_per_step'] / 1e12:.1f} T, ratio {f['ratio']:.3f}"
+                   + (" (Pallas attention added analytically)" if f["pallas_kernel_flops_added"]
+                      else ""))
+    else:
+      lines.append(f"  batch {p['batch']}, prompt {p['prompt_len']} text tokens, "
+                   f"{p['max_new_tokens']} new; per device GiB: arguments {_gib(m['argument'])} "
+                   f"| temp {_gib(m['temp'])} | output-alias {_gib(m['output'] - m['alias'])}")
+      if "flops" in p:
+        f = p["flops"]
+        lines.append(f"  FLOPs/device: compiled {f['compiled'] / 1e9:.1f} G, model "
+                     f"{f['analytic'] / 1e9:.1f} G, ratio {f['ratio']:.3f}")
+    if "roofline" in p:
+      rl = p["roofline"]
+      extra = f", {rl['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in rl else ""
+      lines.append(f"  roofline: {rl['step_s'] * 1e3:.1f} ms ({rl['bound']}-bound: compute "
+                   f"{rl['compute_s'] * 1e3:.1f} ms, HBM {rl['memory_s'] * 1e3:.1f} ms), MFU "
+                   f"bound {rl['mfu_bound'] * 100:.1f}%{extra}")
+    if "largest" in p:
+      lines.append("  largest buffers per device:")
+      for path, nbytes in p["largest"].get("arguments", []):
+        lines.append(f"    argument {_gib(nbytes)} GiB  {path}")
+      for t in p["largest"]["temporaries"]:
+        lines.append(f"    temp     {_gib(t['bytes'])} GiB  {t['shape']} {t['kind']}  {t['op']}")
+    lines.append("")
+  return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""Ahead-of-time TPU compilation (launch/aot_compile.py) of a small FEALLM for v5e:2x4.
+
+Needs libtpu, which the test install leaves out (it is ~700 MB): ``make test`` skips this file,
+and CI runs it in its own venv (.ci/run). The per-device memory XLA reports for the compiled
+train step is checked against a count made here from the parameter shapes, the declared
+logical axes and the mesh: parameter bytes / shards, Adam's two moments / fsdp (ZeRO-1), the
+batch / batch shards. The frozen parameter count is checked against the CLIP + LLaMA formulas
+(HF's architecture) for the configured dims.
+"""
+
+import dataclasses
+import math
+
+import pytest
+
+pytest.importorskip("libtpu", reason="ahead-of-time TPU compilation needs pip install '.[tpu]'")
+
+from feallm_jax import aot  # noqa: E402
+
+aot.init_libtpu()   # before anything initializes libtpu in this process
+
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import configs.tiny_synthetic as tiny  # noqa: E402
+from feallm_jax import chips, sharding  # noqa: E402
+from feallm_jax.data import pipeline  # noqa: E402
+from feallm_jax.models import feallm  # noqa: E402
+
+D, M, V, LAYERS, HEADS, HEAD_DIM, RANK = 1024, 1024, 1024, 2, 8, 128, 128
+VIS_D, VIS_M, IMG, PATCH = 1024, 1024, 64, 16
+
+
+def small_config():
+  """Every sharded dim is a multiple of 8 x 128 (no TPU tile padding blurs the count)."""
+  c = tiny.get_config()
+  c.mesh.update(data=1, fsdp=8, tensor=1)
+  m = c.model
+  m.vision.update(image_size=IMG, patch_size=PATCH, hidden_size=VIS_D, intermediate_size=VIS_M,
+                  num_layers=1, num_heads=8)
+  m.llm.update(vocab_size=V, hidden_size=D, intermediate_size=M, num_layers=LAYERS,
+               num_heads=HEADS, num_kv_heads=HEADS, head_dim=HEAD_DIM)
+  m.image_token_id = V - 1                  # no tokenizer needed
+  m.feature_layer, m.multi_layers = -1, (1,)   # every vision weight is used (jit prunes unused)
+  m.projector, m.local_clues = "mlp", False
+  m.train_llm, m.train_vision = "lora", False
+  m.lora.update(rank=RANK, alpha=256.0, dropout=0.0)
+  m.frozen_dtype, m.compute_dtype = "bfloat16", "bfloat16"
+  c.data.update(max_len=64, batch_size=16, lca_image_size=0)
+  c.optim.accum_steps = 2
+  c.eval.update(batch_size=8, max_new_tokens=4)
+  return c
+
+
+def hf_frozen_count() -> int:
+  """CLIPVisionModel (less post_layernorm, which FEALLM does not use) + LlamaForCausalLM."""
+  n_patch = (IMG // PATCH) ** 2
+  clip = (PATCH * PATCH * 3 * VIS_D + VIS_D + (n_patch + 1) * VIS_D + 2 * VIS_D
+          + (4 * (VIS_D * VIS_D + VIS_D) + 2 * 2 * VIS_D + 2 * VIS_D * VIS_M + VIS_M + VIS_D))
+  llama = 2 * V * D + D + LAYERS * (4 * D * HEADS * HEAD_DIM + 3 * D * M + 2 * D)
+  return clip + llama
+
+
+def expected_argument_bytes(config, mesh) -> int:
+  """Per-device bytes of the train step's arguments, from shapes, logical axes and the mesh."""
+  spec = feallm.spec_from_config(config)
+  model = feallm.abstract_model(spec, mesh)
+  pred = nnx.filterlib.to_predicate(feallm.trainable_filter(config))
+  fsdp = mesh.shape["fsdp"]
+  total = 0
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    spec = sharding.logical_to_spec(var.get_metadata().get("out_sharding") or ())
+    shards = math.prod(mesh.shape[a] for entry in spec if entry is not None
+                       for a in ((entry,) if isinstance(entry, str) else entry))
+    n = math.prod(var.shape)
+    if pred(path, var):
+      total += n * 4 // shards + 2 * n * 4 // fsdp      # f32 weight + Adam mu, nu (ZeRO-1)
+    else:
+      total += n * 2 // shards                          # frozen bf16
+  shards = sharding.batch_shards(mesh)
+  for shape, dtype in pipeline.batch_signature(config, config.data.batch_size).values():
+    total += math.prod(shape) * dtype.itemsize // shards
+  return total
+
+
+@pytest.fixture(scope="module")
+def report(monkeypatch_module):
+  config = small_config()
+  # An HBM budget below what the step needs, to see the "does not fit" report as well.
+  small = dataclasses.replace(chips.CHIPS["v5e"], hbm_usable=4 << 20)
+  monkeypatch_module.setitem(chips.CHIPS, "v5e", small)
+  return config, aot.run(config, "v5e:2x4", programs=("train", "decode"))
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+  mp = pytest.MonkeyPatch()
+  yield mp
+  mp.undo()
+
+
+def test_train_step_memory_matches_an_independent_count(report):
+  config, r = report
+  assert r["device_kind"] == "TPU v5 lite" and r["devices"] == 8
+  assert r["params"]["frozen"] == hf_frozen_count()
+  train = r["programs"]["train"]
+  devices = chips.resolve("v5e:2x4")
+  mesh = sharding.make_mesh(dict(config.mesh), aot.topology_devices(devices))
+  expected = expected_argument_bytes(config, mesh)
+  compiled = train["memory"]["argument"]
+  # XLA's own count of the step's inputs on one v5e chip (tile padding of the few 1-D
+  # parameters and scalars aside).
+  assert abs(compiled - expected) / expected < 0.02, (compiled, expected)
+  # Donation: the new train state is written over the old one.
+  state_bytes = train["memory"]["params"] + train["memory"]["opt_state"]
+  assert train["memory"]["alias"] >= state_bytes
+  f = train["flops"]
+  assert 0.9 < f["ratio"] < 2.0 and train["accum_steps"] == 2
+
+
+def test_does_not_fit_names_the_largest_buffers(report):
+  _, r = report
+  train = r["programs"]["train"]
+  assert not r["fits"] and not train["fits"] and train["headroom"] < 0
+  largest = train["largest"]["arguments"]
+  assert [b for _, b in largest] == sorted((b for _, b in largest), reverse=True)
+  # The projector's MLP kernels are the largest shards: f32 and replicated by the rules.
+  assert "projector" in largest[0][0] and largest[0][1] == D * D * 4, largest[:3]
+  assert train["largest"]["temporaries"], "no HLO buffers named"
+  text = aot.format_report(r)
+  assert "DOES NOT FIT" in text and "largest buffers per device" in text
+
+
+def test_decode_step_reads_the_cache_it_donates(report):
+  config, r = report
+  dec = r["programs"]["decode"]
+  # One token: compiled FLOPs are the model's (matmuls, lm_head, attention over the cache)
+  # plus elementwise work XLA counts too (the f32 -> bf16 casts of the LoRA weights, norms).
+  assert 0.9 < dec["flops"]["ratio"] < 1.6
+  assert dec["memory"]["alias"] > 0 and dec["roofline"]["bound"] == "memory"
+  jax.clear_caches()

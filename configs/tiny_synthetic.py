@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   o.accum_steps = 1
 
   t = c.train = ml_collections.ConfigDict()
-  t.num_steps = 500         # sized so `make quickstart` fits 15 minutes on 2 CPU cores
+  t.num_steps = 800         # sized so `make quickstart` fits 15 minutes on 2 CPU cores
   t.log_every = 10
   t.save_every = 200
   t.keep = 2

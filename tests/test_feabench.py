@@ -197,7 +197,7 @@ def test_score_mode_maps_candidates_to_labels(run, monkeypatch):
 
   def fake_scores(model, batch, cand_ids, cand_mask, reduction="sum", mesh=None):
     # The candidates are the label answers, in label-set order.
-    texts = [tok.decode(i[:m.sum()]) for i, m in zip(cand_ids, cand_mask)]
+    texts = [tok.decode(i[:m.sum()]).strip() for i, m in zip(cand_ids, cand_mask)]
     assert texts == [lab.capitalize() + "." for lab in labels], texts
     b = len(batch["input_ids"])
     ll = -np.tile(np.arange(1.0, len(labels) + 1), (b, 1))       # -1, -2, ... by position

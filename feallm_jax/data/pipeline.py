@@ -20,7 +20,6 @@ import sys
 import threading
 from typing import Any, Iterator, Sequence
 
-import cv2
 import grain
 import numpy as np
 
@@ -119,6 +118,37 @@ def _crop_window(h: int, w: int, rng, aug: Augment | None):
   return y0, x0, ch, cw
 
 
+def _clip_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+  """CLIPImageProcessor's resize and crop: the shortest side goes to ``size`` (the long side to
+  ``int(size * long / short)``), then a centred ``size x size`` crop. -> (new_h, new_w, top,
+  left)."""
+  if w <= h:
+    new_w, new_h = size, int(size * h / w)
+  else:
+    new_w, new_h = int(size * w / h), size
+  return new_h, new_w, (new_h - size) // 2, (new_w - size) // 2
+
+
+def _clip_window(h: int, w: int, size: int) -> tuple[float, float, float, float]:
+  """The source window (y0, x0, ch, cw), in source pixels, that CLIP's view of size ``size``
+  shows: where the region boxes of an evaluation view are measured from."""
+  new_h, new_w, top, left = _clip_geometry(h, w, size)
+  sy, sx = h / new_h, w / new_w
+  return top * sy, left * sx, size * sy, size * sx
+
+
+def _clip_view(source, size: int) -> np.ndarray:
+  """CLIPImageProcessor's pixels (PIL backend) before rescaling: bicubic resize of the whole
+  image, then the centre crop. (PIL's ``resize(box=...)`` of the same window is not the same
+  filter pass: it was measured 22 grey levels away, so evaluation resizes exactly as CLIP.)"""
+  from PIL import Image
+  w, h = source.size
+  new_h, new_w, top, left = _clip_geometry(h, w, size)
+  if (new_w, new_h) != (w, h):
+    source = source.resize((new_w, new_h), Image.BICUBIC)
+  return np.asarray(source.crop((left, top, left + size, top + size)))
+
+
 def _jitter_ops(rng, aug: Augment) -> list[tuple[int, float]]:
   """Brightness, contrast and saturation factors in a random order (drawn once per example, so
   every view of the face gets the same jitter)."""
@@ -147,19 +177,32 @@ def _jitter(img: np.ndarray, ops: Sequence[tuple[int, float]]) -> np.ndarray:
 def image_views(rec: dict, sizes: Sequence[int], rng, aug: Augment | None,
                 use_landmarks: bool) -> tuple[list[np.ndarray], np.ndarray]:
   """One crop/flip/jitter of the face resampled to each of `sizes` (CLIP-normalized float32
-  [s,s,3] each) and the 16 region boxes (float32 [16,4], normalized, shared by every view)."""
+  [s,s,3] each) and the 16 region boxes (float32 [16,4], normalized, shared by every view).
+
+  Views are bicubic (PIL) resamples of one window of the source: a random mild crop when
+  training; when not, CLIP's own shortest-side resize + centre crop, so an evaluation image is
+  exactly what ``transformers.CLIPImageProcessor`` gives a pretrained CLIP (boxes are measured
+  in the window of the ViT's view, ``sizes[0]``; on a non-square source another size's centre
+  crop can sit up to one of its pixels away).
+  """
+  from PIL import Image
   from feallm_jax.data import regions
   img = np.asarray(rec["image"])
   if img.ndim == 2:
     img = np.repeat(img[..., None], 3, -1)
+  if img.dtype != np.uint8:
+    raise ValueError(f"record {_text(rec.get('id', ''))!r}: image must be uint8 [H,W,3], got "
+                     f"{img.dtype} {img.shape}")
   h, w = img.shape[:2]
   if use_landmarks and rec["has_landmarks"]:
     boxes = regions.boxes_from_landmarks(np.asarray(rec["landmarks"]), _text(rec["id"]))
   else:
     boxes = regions.canonical_boxes()
   boxes = np.asarray(boxes, np.float32)
-  y0, x0, ch, cw = _crop_window(h, w, rng, aug)
-  crop = img[y0:y0 + ch, x0:x0 + cw]
+  if aug is None:
+    y0, x0, ch, cw = _clip_window(h, w, int(sizes[0]))
+  else:
+    y0, x0, ch, cw = _crop_window(h, w, rng, aug)
   # Boxes follow the crop: normalized to the window, clipped to the image.
   off = np.array([y0 / h, x0 / w, y0 / h, x0 / w], np.float32)
   scl = np.array([ch / h, cw / w, ch / h, cw / w], np.float32)
@@ -169,9 +212,13 @@ def image_views(rec: dict, sizes: Sequence[int], rng, aug: Augment | None,
     boxes = regions.flip_boxes(boxes)
   ops = _jitter_ops(rng, aug) if aug is not None else []
   views = []
+  source = Image.fromarray(np.ascontiguousarray(img[..., :3]))
   for size in sizes:
-    interp = cv2.INTER_AREA if min(ch, cw) > size else cv2.INTER_LINEAR
-    out = cv2.resize(crop, (size, size), interpolation=interp)
+    if aug is None:
+      out = _clip_view(source, size)
+    else:
+      out = np.asarray(source.resize((size, size), Image.BICUBIC,
+                                     box=(x0, y0, x0 + cw, y0 + ch)))
     if flip:
       out = out[:, ::-1]
     x = out.astype(np.float32) * (1.0 / 255.0)

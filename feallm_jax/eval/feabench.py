@@ -329,7 +329,10 @@ def resolve_checkpoint(workdir: str, checkpoint: int | str | None) -> tuple[str,
 
 
 def load_model(config, workdir: str, checkpoint: int | str | None = None, mesh=None):
-  """Builds the model for ``config`` and restores a run's trained weights; returns (model, step)."""
+  """Builds the model for ``config`` and restores a run's trained weights; returns (model, step).
+
+  The model comes back with dropout off (``layers.with_dropout``): it is for evaluation,
+  generation and ``predict --explain``'s forward pass."""
   from feallm_jax import sharding
   from feallm_jax.models import feallm
   from feallm_jax.train import checkpoint as ckpt_lib
@@ -341,7 +344,8 @@ def load_model(config, workdir: str, checkpoint: int | str | None = None, mesh=N
   model = feallm.build_model(config, mesh)
   step = ckpt_lib.restore_weights(model, config, run_dir, trainable=feallm.trainable_filter(config),
                                   step=step)
-  return model, step
+  from feallm_jax.models import layers
+  return layers.with_dropout(model, False), step
 
 
 def evaluate(config, workdir: str, checkpoint: int | str | None = None,

@@ -347,13 +347,26 @@ def trainable_filter(config_or_spec):
 # ---------------------------------------------------------------------------------------------
 # Building.
 
+def model_rngs(key: jax.Array) -> nnx.Rngs:
+  """The streams a FEALLM is built with: ``params`` (weight init) and ``dropout`` (LoRA dropout
+  masks; its per-layer keys and counters are model state that the train step carries and the
+  checkpoint saves). Both derive from one key, so a seed fixes initialization and masks."""
+  return nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 0x64726F70))   # "drop"
+
+
+def _constructor(spec: FEALLMSpec, key: jax.Array):
+  """The one way a FEALLM is constructed: :func:`build_from_spec` and :func:`abstract_model`
+  share it, so an abstract build exercises exactly what a real build runs."""
+  return lambda: FEALLM(spec, rngs=model_rngs(key))
+
+
 def build_from_spec(spec: FEALLMSpec, mesh, *, rngs: nnx.Rngs | int | None = None,
                     vision_path: str = "", llm_path: str = "", base_checkpoint: str = "",
                     log: bool = True) -> FEALLM:
   """Abstract build -> rule validation -> jitted init straight into shardings -> weights."""
   # A concrete key, so the init below can run under jit (an Rngs object cannot be closed over).
   key = rngs.params() if isinstance(rngs, nnx.Rngs) else jax.random.key(rngs or 0)
-  make = lambda: FEALLM(spec, rngs=nnx.Rngs(params=key))
+  make = _constructor(spec, key)
   meta = {}
   if base_checkpoint:
     from feallm_jax.weights import base_checkpoint as bc
@@ -400,7 +413,7 @@ def build_model(config, mesh, *, rngs: nnx.Rngs | None = None) -> FEALLM:
 def abstract_model(spec: FEALLMSpec, mesh) -> FEALLM:
   """Shapes, dtypes and shardings only (allocates nothing): for real-size checks and restores."""
   with sharding.mesh_rules(mesh):
-    model = nnx.eval_shape(lambda: FEALLM(spec, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(_constructor(spec, jax.random.key(0)))
     sharding.validate_rules(model, mesh)
   return model
 

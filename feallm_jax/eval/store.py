@@ -146,14 +146,15 @@ def write_results(out_dir: str, results: Mapping[str, Any],
   out_dir = os.path.abspath(out_dir)
   parent, name = os.path.split(out_dir.rstrip(os.sep))
   os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}-{secrets.token_hex(3)}")
+  tag = f"{os.getpid()}-{secrets.token_hex(3)}"
+  tmp = os.path.join(parent, f".{name}.partial-{tag}")
   try:
     files = report.write_all(tmp, results, predictions, final_dir=out_dir)
     replaced = check_target(out_dir, ident)          # again: another process may have written
     if replaced:
       log.warning("%s: the same evaluation (%s) was already here; replacing its files",
                   out_dir, _describe(ident))
-      old = tmp.replace(".partial-", ".replaced-")
+      old = os.path.join(parent, f".{name}.replaced-{tag}")
       os.rename(out_dir, old)
       os.rename(tmp, out_dir)
       shutil.rmtree(old, ignore_errors=True)

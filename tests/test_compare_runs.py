@@ -2,7 +2,6 @@
 carry the numbers of the runs' own results.json; a workdir without an index is refused; a run
 that lacks a requested metric is named."""
 import glob
-import importlib.util
 import json
 import os
 
@@ -11,9 +10,9 @@ import pytest
 from PIL import Image
 
 from feallm_jax.eval import compare, feabench
+from tests.cli_helpers import load_cli
 from tests.test_train_step import small_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTHS = {"w32": 32, "w48": 48, "w64": 64}      # LLM width: the scaling axis of the experiment
 
 
@@ -29,8 +28,10 @@ def _config(data_dir, width):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, devices):
-  """w32 and w48 evaluated by training itself (generate, steps 2 and 4), w32 also in score mode
-  at the end; w64 trained without evaluation, then evaluated in score mode on FER alone."""
+  """w32 and w48 evaluated by training itself (generate, steps 2 and 4, 2 faces), w32 also in
+  score mode at the end; w64 trained without evaluation, then evaluated in score mode. Score mode
+  is FER alone on 24 faces: cheap (nothing generated) and enough for accuracies that are not all
+  zero after 4 steps, so the number checks below cannot pass vacuously."""
   from feallm_jax.train import train_and_evaluate
   tmp = tmp_path_factory.mktemp("compare")
   data_dir = str(tmp / "data")
@@ -42,7 +43,7 @@ def runs(tmp_path_factory, devices):
     workdir = str(tmp / name)
     train_and_evaluate(c, workdir)
     if name != "w48":
-      c.eval.suites = ("synthetic_fea",)
+      c.eval.update(suites=("synthetic_fea",), num_samples=24)
       feabench.evaluate(c, workdir, mode="score", tasks=("fer",), progress=False)
     out[name] = dict(workdir=workdir, config=c)
   return dict(tmp=tmp, runs=out)
@@ -73,10 +74,7 @@ def test_compare_three_runs_table_and_plots_match_results_json(runs, capsys):
   assert set(own["w64"]) == {(4, "score")}
 
   # The CLI, as a user runs it.
-  spec = importlib.util.spec_from_file_location("compare_runs_cli",
-                                                os.path.join(ROOT, "launch", "compare_runs.py"))
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
+  cli = load_cli("compare_runs")
   out = str(tmp / "cmp" / "compare.md")
   cli.FLAGS(["compare_runs", "--workdirs=" + ",".join(workdirs),
              "--metric=fer/accuracy,aur/au_mean_f1", f"--out={out}"])
@@ -104,6 +102,8 @@ def test_compare_three_runs_table_and_plots_match_results_json(runs, capsys):
         assert float(cell) == pytest.approx(v, abs=5e-5), (line, metric)
     seen.add((name, step, mode))
   assert seen == {(n, s, m) for n in own for (s, m) in own[n]}
+  accuracies = {_value(r, metrics[0]) for n in own for r in own[n].values()}
+  assert len(accuracies) >= 2, accuracies     # distinct numbers, so a mix-up would show
   assert "aur/au_mean_f1: not in w64" in md
 
   with open(str(tmp / "cmp" / "compare.json")) as f:
@@ -161,10 +161,7 @@ def test_compare_three_runs_table_and_plots_match_results_json(runs, capsys):
 
 
 def test_compare_refuses_a_workdir_without_index(runs, tmp_path, capsys):
-  spec = importlib.util.spec_from_file_location("compare_runs_cli2",
-                                                os.path.join(ROOT, "launch", "compare_runs.py"))
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
+  cli = load_cli("compare_runs")
   empty = tmp_path / "never_evaluated"
   empty.mkdir()
   cli.FLAGS(["compare_runs", f"--workdirs={runs['runs']['w32']['workdir']},{empty}",

@@ -229,11 +229,8 @@ def test_two_modes_of_one_step_both_kept_and_indexed(run, caplog):  # noqa: F811
 
 
 def test_cli_conflicting_out_dir_exits_with_the_reason(run, tmp_path, capsys):  # noqa: F811
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("eval_feabench_cli2",
-                                                os.path.join(ROOT, "launch", "eval_feabench.py"))
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
+  from tests.cli_helpers import load_cli
+  cli = load_cli("eval_feabench")
   out = tmp_path / "not_an_eval"
   out.mkdir()
   (out / "notes.txt").write_text("mine")

@@ -69,10 +69,8 @@ def run(tmp_path_factory, devices):
 
 
 def test_cli_end_to_end_writes_every_output(run, capsys):
-  spec = importlib.util.spec_from_file_location("eval_feabench_cli",
-                                                os.path.join(ROOT, "launch", "eval_feabench.py"))
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
+  from tests.cli_helpers import load_cli
+  cli = load_cli("eval_feabench")
   out_dir = str(run["tmp"] / "out")
   cli.FLAGS([ "eval_feabench", f"--config={run['cfg_path']}", f"--workdir={run['workdir']}",
              "--suites=synthetic_fea", "--mode=generate", f"--out_dir={out_dir}",

@@ -76,6 +76,9 @@ def markdown(results: Mapping[str, Any]) -> str:
   if meta:
     lines += [", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))),
               ""]
+  if results.get("settings"):
+    lines += ["Settings (key " + str(meta.get("key", "")) + "): `"
+              + json.dumps(_jsonable(results["settings"]), sort_keys=True) + "`", ""]
   lines.append("| suite | task | " + " | ".join(c[0] for c in COLUMNS) + " |")
   lines.append("|---|---|" + "---|" * len(COLUMNS))
   for suite, res in results.get("suites", {}).items():
@@ -127,27 +130,37 @@ def confusion_png(path: str, confusion: Sequence[Sequence[int]], labels: Sequenc
 
 
 def write_all(out_dir: str, results: Mapping[str, Any],
-              predictions: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
-  """Writes every output under ``out_dir``; returns ``{kind: path(s)}``."""
+              predictions: Mapping[str, Sequence[Mapping[str, Any]]], *,
+              final_dir: str | None = None) -> dict[str, Any]:
+  """Writes every output under ``out_dir``; returns ``{kind: path(s)}``.
+
+  ``final_dir``: where the folder will live once moved into place (``eval/store.py`` writes
+  into a hidden sibling first); the paths returned and recorded in results.json are under it.
+  """
   os.makedirs(out_dir, exist_ok=True)
-  files: dict[str, Any] = {"results_json": os.path.join(out_dir, "results.json"),
-                           "results_md": os.path.join(out_dir, "results.md"),
+  final = final_dir or out_dir
+
+  def where(name: str) -> tuple[str, str]:
+    return os.path.join(out_dir, name), os.path.join(final, name)
+
+  files: dict[str, Any] = {"results_json": where("results.json")[1],
+                           "results_md": where("results.md")[1],
                            "predictions": {}, "confusion": {}}
   for suite, rows in predictions.items():
-    path = os.path.join(out_dir, f"predictions_{suite}.jsonl")
+    path, shown = where(f"predictions_{suite}.jsonl")
     write_jsonl(path, rows)
-    files["predictions"][suite] = path
+    files["predictions"][suite] = shown
   for suite, res in results.get("suites", {}).items():
     for task, per in res.get("tasks", {}).items():
       emo = per.get("emotion")
       if not emo or not emo.get("num_samples"):
         continue
-      path = os.path.join(out_dir, f"confusion_{suite}_{task}.png")
+      path, shown = where(f"confusion_{suite}_{task}.png")
       confusion_png(path, emo["confusion"], emo["labels"], emo.get("unparsed_per_class"),
                     title=f"{suite} / {task}: acc {100 * emo['accuracy']:.1f}%, "
                           f"UAR {100 * emo['uar']:.1f}%")
-      files["confusion"][f"{suite}/{task}"] = path
-  with open(files["results_md"], "w") as f:
+      files["confusion"][f"{suite}/{task}"] = shown
+  with open(where("results.md")[0], "w") as f:
     f.write(markdown(results))
-  write_json(files["results_json"], {**results, "files": files})
+  write_json(where("results.json")[0], {**results, "files": files})
   return files

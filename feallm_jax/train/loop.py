@@ -122,7 +122,10 @@ def _sync_flag(flag: bool) -> bool:
 
 # -- evaluation -------------------------------------------------------------------------------
 
-def _evaluate(config, workdir: str, step: int, logger: metrics_log.MetricsLogger):
+def _evaluate(config, workdir: str, step: int,
+              logger: metrics_log.MetricsLogger | None = None):
+  """Evaluates checkpoint ``step`` into its own folder under ``eval/`` (indexed); the headline
+  metrics go to ``logger`` (or a logger ``feabench.evaluate`` opens) as ``eval/<mode>/...``."""
   suites = tuple(config.eval.get("suites", ()) or ())
   if not suites:
     return None
@@ -131,19 +134,8 @@ def _evaluate(config, workdir: str, step: int, logger: metrics_log.MetricsLogger
   except ImportError as e:
     log.warning("evaluation skipped at step %d: feallm_jax.eval.feabench unavailable (%s)", step, e)
     return None
-  results = feabench.evaluate(config, workdir, checkpoint=step, suites=suites,
-                              mode=config.eval.get("mode", "generate"))
-  flat = {}
-
-  def walk(prefix, x):
-    if isinstance(x, dict):
-      for k, v in x.items():
-        walk(f"{prefix}/{k}" if prefix else str(k), v)
-    elif isinstance(x, (int, float, np.number)) and not isinstance(x, bool):
-      flat[prefix] = float(x)
-  walk("", results)
-  logger.log(step, flat, kind="eval")
-  return results
+  return feabench.evaluate(config, workdir, checkpoint=step, suites=suites,
+                           mode=config.eval.get("mode", "generate"), logger=logger)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -196,8 +188,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if summary.get("preempted"):
     return summary
   if config.train.get("final_eval", True) and config.eval.get("suites", ()):
-    summary["eval"] = _evaluate(config, workdir, summary["final_step"],
-                                metrics_log.MetricsLogger(workdir, total_steps=0, progress=False))
+    summary["eval"] = _evaluate(config, workdir, summary["final_step"])
   return summary
 
 

@@ -597,26 +597,24 @@ class DropLog:
         f"--config.data.max_dropped_fraction.")
 
 
-class TrainIterator:
+class TrainIterator(grain.DatasetIterator):
   """This process's training batches (the keys of :func:`batch_signature`) and ``drops``.
 
-  Wraps Grain's iterator: the ``dropped*`` fields of each batch go into ``drops`` (a
-  :class:`DropLog`; the first ids per reason are logged) and ``get_state``/``set_state`` carry
-  the counts with Grain's state, so a resumed run reports what an uninterrupted one would.
+  The last stage of the Grain pipeline: the ``dropped*`` fields of each batch go into
+  ``drops`` (a :class:`DropLog`; the first ids per reason are logged), and ``get_state`` /
+  ``set_state`` carry the counts with Grain's state, so a resumed run reports what an
+  uninterrupted one would. A Grain ``DatasetIterator``: grain's checkpoint handler saves it.
   """
 
   STATE_KEY = "feallm_drops"
 
-  def __init__(self, iterator, *, split: str = "train"):
-    self._it = iterator
+  def __init__(self, parent: grain.DatasetIterator, *, split: str = "train"):
+    super().__init__(parent)
     self.split = split
     self.drops = DropLog()
 
-  def __iter__(self):
-    return self
-
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = dict(next(self._it))
+    batch = dict(next(self._parent))
     for reason, rid, needed in self.drops.add_batch(batch):
       log.warning("%s: dropped example %r (%s%s); counted in metrics.jsonl as dropped/%s",
                   self.split, rid, reason, f", needs max_len >= {needed}" if needed else "",
@@ -624,22 +622,30 @@ class TrainIterator:
     return batch
 
   def get_state(self) -> dict:
-    state = self._it.get_state()
-    return {**state, self.STATE_KEY: self.drops.state()}
+    return {**self._parent.get_state(), self.STATE_KEY: self.drops.state()}
 
   def set_state(self, state: dict) -> None:
     state = dict(state)
     drops = state.pop(self.STATE_KEY, None)   # absent in checkpoints written before it existed
-    self._it.set_state(state)
+    self._parent.set_state(state)
     self.drops = DropLog.from_state(drops)
 
-  def start_prefetch(self) -> None:
-    if hasattr(self._it, "start_prefetch"):
-      self._it.start_prefetch()
+  def __str__(self) -> str:
+    return f"TrainIterator(split={self.split})"
 
-  def close(self) -> None:
-    if hasattr(self._it, "close"):
-      self._it.close()
+
+class CountDrops(grain.IterDataset):
+  """Pipeline stage whose iterator is a :class:`TrainIterator` (drop accounting)."""
+
+  def __init__(self, parent: grain.IterDataset, split: str = "train"):
+    super().__init__(parent)
+    self._split = split
+
+  def __iter__(self) -> TrainIterator:
+    return TrainIterator(self._parent.__iter__(), split=self._split)
+
+  def __str__(self) -> str:
+    return "CountDrops"
 
 
 class ProcessRows(grain.MapDataset):
@@ -710,8 +716,8 @@ def train_dataset(config, *, split: str = "train", seed: int | None = None,
                   source=None) -> grain.IterDataset:
   """The training IterDataset (infinite, shuffled per epoch, this process's batch slices).
 
-  Batches also hold the ``dropped*`` fields of :class:`TrainExample` (one per row):
-  :func:`train_iterator` takes them out into its drop counts.
+  Its iterator is a :class:`TrainIterator`: the ``dropped*`` fields :class:`TrainExample` adds
+  to every row are taken out of the batches into its drop counts.
   """
   d = config.data
   seed = int(config.seed if seed is None else seed)
@@ -735,7 +741,7 @@ def train_dataset(config, *, split: str = "train", seed: int | None = None,
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
         num_workers=int(d.num_workers), per_worker_buffer_size=2))
-  return it
+  return CountDrops(it, split)
 
 
 def train_iterator(config, *, split: str = "train", seed: int | None = None,
@@ -743,8 +749,7 @@ def train_iterator(config, *, split: str = "train", seed: int | None = None,
   """Iterator of this process's numpy training batches (:class:`TrainIterator`: its ``drops``
   count the examples that could not be fitted). Orbax saves/restores its state with
   grain.checkpoint.CheckpointSave / CheckpointRestore (get_state / set_state underneath)."""
-  return TrainIterator(iter(train_dataset(config, split=split, seed=seed, **kwargs)),
-                       split=split)
+  return iter(train_dataset(config, split=split, seed=seed, **kwargs))
 
 
 def fit_check(config, *, split: str = "train", seed: int | None = None, source=None,

@@ -504,12 +504,13 @@ class DropLog:
     return self.dropped / self.examples if self.examples else 0.0
 
   def add(self, reason: str, rid: str, needed: int = 0) -> bool:
-    """Counts one drop; True when its id is among the first MAX_IDS of its reason."""
+    """Counts one drop; True when its id is newly listed (the first MAX_IDS distinct ids of
+    each reason are kept and logged; a record drawn again in a later epoch counts again)."""
     self.counts[reason] = self.counts.get(reason, 0) + 1
     if reason in LENGTH_REASONS:
       self.needed_len = max(self.needed_len, int(needed))
     listed = self.ids.setdefault(reason, [])
-    if len(listed) < MAX_IDS:
+    if len(listed) < MAX_IDS and rid not in listed:
       listed.append(rid)
       return True
     return False

@@ -89,9 +89,9 @@ def main(argv):
 
     from feallm_jax.data import pipeline
     b = builders.make_builder(FLAGS.dataset, FLAGS.data_dir, config=summary["config"])
-    print(f"token lengths for {FLAGS['train_config'].value and tc.get('name', '')} "
-          f"(tokenizer {tc.data.tokenizer or 'tiny'}, max_len {tc.data.max_len}; change with "
-          "--train_config.data.tokenizer / --train_config.data.max_len):")
+    print(f"token lengths with config {tc.get('name', '')!r} (tokenizer "
+          f"{tc.data.tokenizer or 'tiny'}, max_len {tc.data.max_len}; change with "
+          "--train_config=... / --train_config.data.tokenizer / --train_config.data.max_len):")
     summary["lengths"] = {}
     for split in summary["splits"]:
       src = b.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})

@@ -245,6 +245,7 @@ def test_length_report_and_build_dataset_cli(planted, tmp_path):
        f"--manual_dir={planted['root'] / 'raw'}", f"--train_config={cfg_path}",
        f"--train_config.data.tokenizer={c.data.tokenizer}",
        f"--train_config.data.max_len={c.data.max_len}",
+       "--train_config.model.base_checkpoint=",
        "--train_config.model.vision.image_size=32", "--train_config.model.vision.patch_size=8",
        "--train_config.model.local_clues=False"],
       capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))

@@ -179,7 +179,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   _check_config(config)
   # 1. Refuse a foreign workdir before building anything (cheap architecture check).
-  ckpt_lib.check_workdir(config, workdir)
+  ckpt_lib.check_workdir(config, workdir, base_fingerprint=None)
   # ... and data of which not one example fits (the first examples the run would draw).
   source = pipeline.data_source(config, split="train", decode_images=False)
   pipeline.check_fit(config, split="train", seed=int(config.get("seed", 0)), source=source)

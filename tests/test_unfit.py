@@ -216,6 +216,26 @@ def test_nothing_fits_is_refused_before_the_first_step(bpe, tmp_path):
   assert pipeline.fit_check(c).dropped > 0
 
 
+def test_train_cli_refuses_naming_the_flag(bpe, tmp_path):
+  """launch/train.py, as the issue ran it: exits before the first step with the flag named."""
+  workdir = tmp_path / "work"
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "train.py"),
+       "--config=" + os.path.join(ROOT, "configs", "tiny_synthetic.py"), f"--workdir={workdir}",
+       f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.builder_config=small",
+       f"--config.data.tokenizer={bpe}", "--config.data.max_len=96",
+       "--config.data.batch_size=8", "--config.model.base_checkpoint=",
+       "--config.train.progress=False"],
+      capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+  assert out.returncode != 0
+  assert "DroppedExamplesError" in out.stderr and "image_past_max_len" in out.stderr
+  assert re.search(r"--config\.data\.max_len=\d+ keeps every example", out.stderr), \
+      out.stderr[-3000:]
+  assert not (workdir / "checkpoints").exists()
+
+
 def test_length_report_and_build_dataset_cli(planted, tmp_path):
   c = planted["config"]
   src = pipeline.data_source(c, split="train", decode_images=False)

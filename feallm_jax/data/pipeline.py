@@ -517,9 +517,7 @@ class DropLog:
 
   def add_batch(self, batch: dict) -> list[tuple[str, str, int]]:
     """Pops the ``dropped*`` fields of a batch and counts them; returns the newly listed drops."""
-    codes = np.asarray(batch.pop("dropped"))
-    ids = np.asarray(batch.pop("dropped_id"))
-    lens = np.asarray(batch.pop("dropped_len"))
+    codes, ids, lens = (np.asarray(batch.pop(k)) for k in DROP_KEYS)
     self.examples += len(codes)
     self.unfilled += int((np.asarray(batch["example_mask"]) == 0).sum())
     names = list(DROP_REASONS)
@@ -568,7 +566,7 @@ class DropLog:
     return out
 
   def describe(self, max_len: int | None = None) -> str:
-    """'<n> <reason> (<what to change>; first ids: ...)' per reason."""
+    """'<n> <reason>: <what to change>; first ids: ...' per reason."""
     parts = []
     for r in DROP_REASONS:
       n = self.counts.get(r, 0)
@@ -757,13 +755,16 @@ def fit_check(config, *, split: str = "train", seed: int | None = None, source=N
               num_examples: int | None = None) -> DropLog:
   """The drops among the first positions of the training stream: the very examples the first
   steps draw (identical on every process, so every process decides alike), made by the same
-  code, without replacements. ``num_examples`` defaults to ``data.fit_check_examples``."""
+  code, without replacements. ``num_examples`` defaults to ``data.fit_check_examples`` (0: no
+  check, an empty DropLog)."""
   d = config.data
   seed = int(config.seed if seed is None else seed)
+  k = int(num_examples if num_examples is not None else d.get("fit_check_examples", 256))
+  if k <= 0:
+    return DropLog()
   src = data_source(config, split=split, decode_images=False) if source is None else source
   n = len(src)
-  k = int(num_examples if num_examples is not None else d.get("fit_check_examples", 256))
-  k = min(max(k, 1), n)
+  k = min(k, n)
   example = TrainExample(_spec(config, n, train=True, seed=seed), src)
   order = _order(n, seed)
   drops = DropLog(examples=k)

@@ -103,6 +103,21 @@ def test_resume_from_orbax_checkpoint(cfg, tmp_path):
       np.testing.assert_array_equal(w[k], g[k], err_msg=k)
 
 
+def test_encoded_images_decode_as_tfds_does(cfg):
+  """The pipeline reads encoded image bytes and decodes them itself (so a bad image drops one
+  example): its batches equal those from tfds' own decoding, nothing dropped."""
+  it = pipeline.train_iterator(cfg)
+  a = next(it)
+  decoded = pipeline.data_source(cfg, split="train", decode_images=True)
+  it2 = iter(pipeline.train_dataset(cfg, source=decoded))
+  b = next(it2)
+  for d in (it.drops, it2.drops):
+    assert d.dropped == 0 and d.examples == 8
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_epochs_reshuffle_and_augment(cfg):
   src = pipeline.data_source(cfg, split="validation")   # 16 records = 2 batches an epoch
   it = iter(pipeline.train_dataset(cfg, source=src))

@@ -236,7 +236,8 @@ class Checkpointer:
           f"{self.directory} holds checkpoints of a different model config; refusing to "
           "overwrite them. Use a new --workdir (or restore the original config). Differences:\n  "
           + "\n  ".join(diffs[:20]))
-    if meta.get("base_fingerprint", "") != self.base_fingerprint:
+    if self.base_fingerprint is not None and \
+        meta.get("base_fingerprint", "") != self.base_fingerprint:
       raise CheckpointMismatchError(
           f"{self.directory}: the run started from frozen base weights with fingerprint "
           f"{meta.get('base_fingerprint')!r}, but this config's base weights have fingerprint "
@@ -342,9 +343,10 @@ class Checkpointer:
     self.manager.close()
 
 
-def check_workdir(config, workdir: str, base_fingerprint: str = "") -> int | None:
+def check_workdir(config, workdir: str, base_fingerprint: str | None = "") -> int | None:
   """Refuses (before anything is written) a workdir whose checkpoints are of another config.
 
+  ``base_fingerprint=None`` checks the architecture only (before the base weights are known).
   Returns the newest readable checkpoint step, or None for a fresh workdir.
   """
   directory = epath.Path(workdir) / "checkpoints"

@@ -275,7 +275,9 @@ def evaluate_model(model, config, suites: Sequence[str] | str | None = None,
   closed-set FER pass in score mode). Returns ``{"meta": ..., "suites": {name: metrics}}``
   (plus ``"files"`` when written).
   """
+  from feallm_jax import preflight
   from feallm_jax.data import tokenizer as tok_lib
+  config = preflight.resolve_backbones(config)   # image size etc. from the towers' checkpoints
   mode = mode or str(config.eval.get("mode", "generate"))
   if mode not in MODES:
     raise ValueError(f"eval mode must be one of {MODES}, got {mode!r}")
@@ -330,15 +332,16 @@ def resolve_checkpoint(workdir: str, checkpoint: int | str | None) -> tuple[str,
 
 def load_model(config, workdir: str, checkpoint: int | str | None = None, mesh=None):
   """Builds the model for ``config`` and restores a run's trained weights; returns (model, step)."""
-  from feallm_jax import sharding
+  from feallm_jax import preflight, sharding
   from feallm_jax.models import feallm
   from feallm_jax.train import checkpoint as ckpt_lib
+  config = preflight.resolve_backbones(config)
   run_dir, step = resolve_checkpoint(workdir, checkpoint)
   if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
     raise FileNotFoundError(f"{run_dir}: no checkpoints/ directory (train first with "
                             f"launch/train.py --workdir={run_dir})")
   mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
-  model = feallm.build_model(config, mesh)
+  model = feallm.build_model(config, mesh, log=False)   # the training run showed its table
   step = ckpt_lib.restore_weights(model, config, run_dir, trainable=feallm.trainable_filter(config),
                                   step=step)
   return model, step
@@ -350,8 +353,16 @@ def evaluate(config, workdir: str, checkpoint: int | str | None = None,
              tasks: Sequence[str] | None = None) -> dict:
   """Restores ``workdir``'s checkpoint (latest unless given) and evaluates it.
 
-  Outputs go to ``out_dir`` (default ``<workdir>/eval/step_<step>``).
+  Outputs go to ``out_dir`` (default ``<workdir>/eval/step_<step>``). Suite names and their
+  datasets are checked before the model is built (``preflight.check_suites``).
   """
+  from feallm_jax import compile_cache, console, preflight
+  console.setup_once()
+  compile_cache.enable_once(config)
+  problems = preflight.check_suites(config, suites, flag="--suites" if suites is not None
+                                    else "--config.eval.suites")
+  if problems:
+    raise preflight.PreflightError(problems)
   model, step = load_model(config, workdir, checkpoint)
   out_dir = out_dir or os.path.join(workdir, "eval", f"step_{step}")
   return evaluate_model(model, config, suites, mode, out_dir, progress=progress,

@@ -1,6 +1,7 @@
 """``train_and_evaluate(config, workdir)``: the whole training run, importable from a notebook.
 
-Order matters for the "refuse before writing" guarantee: the workdir's checkpoints are checked
+Order matters for the "refuse before writing" guarantee: ``feallm_jax.preflight`` checks everything
+knowable (and resolves the towers from their checkpoints), then the workdir's checkpoints are checked
 against the config (architecture, base-weight fingerprint, trainable shapes) *before* any file
 is created. Restarting the same command resumes from the newest good checkpoint; SIGTERM (a
 preempted VM) saves at the next step boundary and exits cleanly.
@@ -63,29 +64,6 @@ def base_fingerprint(config, *, has_frozen: bool) -> str:
     parts.append(f"{tower}=hf:{_hf_dir_fingerprint(path)}" if path else
                  f"{tower}=init(seed={int(config.get('seed', 0))})")
   return ";".join(parts)
-
-
-# -- config checks ----------------------------------------------------------------------------
-
-def _check_config(config) -> None:
-  t, d = config.train, config.data
-  for key in ("num_steps", "log_every", "save_every", "keep"):
-    if int(t[key]) <= 0:
-      raise ValueError(f"train.{key} must be positive, got {t[key]}")
-  if int(t.get("max_bad_steps", 0)) < 0:
-    raise ValueError(f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}")
-  if config.get("require_pretrained", False):
-    m = config.model
-    if not m.get("base_checkpoint", "") and not (m.vision.hf_path and m.llm.hf_path):
-      raise ValueError(
-          f"config {config.get('name', '')!r} trains adapters on pretrained backbones: set "
-          "--config.model.base_checkpoint=DIR (from launch/import_hf.py) or both "
-          "--config.model.vision.hf_path and --config.model.llm.hf_path to local HF dirs")
-    if not d.get("tokenizer", ""):
-      raise ValueError("set --config.data.tokenizer to the LLM's local HF tokenizer dir")
-  pc = jax.process_count()
-  if int(d.batch_size) % pc:
-    raise ValueError(f"data.batch_size={d.batch_size} does not split over {pc} processes")
 
 
 # -- SIGTERM ----------------------------------------------------------------------------------
@@ -153,10 +131,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   from feallm_jax.data import pipeline
   from feallm_jax.models import feallm
 
+  from feallm_jax import compile_cache, console, preflight
+  console.setup_once()                # quiet library logs inside absl apps (--verbosity=0: all)
   workdir = os.path.abspath(workdir)
-  _check_config(config)
+  # 0. Everything knowable before the first step (suites, data, checkpoint vs config, tokenizer,
+  #    mesh, batch, workdir); the towers' own configs replace the config's backbone fields.
+  config = preflight.run(config, workdir)
   # 1. Refuse a foreign workdir before building anything (cheap architecture check).
   ckpt_lib.check_workdir(config, workdir)
+  compile_cache.enable_once(config)   # before the first compile: reruns/resumes reuse programs
 
   mesh = sharding.make_mesh(dict(config.mesh))
   model = feallm.build_model(config, mesh)

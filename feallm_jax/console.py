@@ -17,6 +17,8 @@ quickstart) gets the same default. Outside an absl app (notebooks, pytest) nothi
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
 
@@ -99,3 +101,23 @@ def setup_once() -> None:
   except KeyError:
     return
   setup()
+
+
+def is_quiet() -> bool:
+  """Whether :func:`setup` chose the quiet default in this process."""
+  return _own_handler() is not None
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+  """tfds' nested tqdm bars and bold stdout banners off for a build (quiet mode only)."""
+  if not is_quiet():
+    yield
+    return
+  import tensorflow_datasets as tfds
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.display_progress_bar(True)

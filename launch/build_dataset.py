@@ -5,7 +5,6 @@
   python launch/build_dataset.py --dataset=synthetic_fea --config=default --num_train=1000
 """
 import json
-import logging
 import os
 import sys
 
@@ -30,7 +29,8 @@ flags.mark_flag_as_required("dataset")
 
 def main(argv):
   del argv
-  logging.getLogger("feallm_jax").setLevel(logging.INFO)
+  from feallm_jax import console
+  console.setup()   # per-split lines and warnings; --verbosity=0 adds tfds' own output
   overrides = {k: getattr(FLAGS, k) for k in
                ("num_train", "num_validation", "num_test", "frame_stride")
                if getattr(FLAGS, k) is not None}

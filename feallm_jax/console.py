@@ -121,3 +121,19 @@ def quiet_tfds():
       yield
   finally:
     tfds.display_progress_bar(True)
+
+
+@contextlib.contextmanager
+def silence_library_warnings(enabled: bool = True):
+  """absl-logged library WARNINGs off for a block (quiet mode only): for calls whose warning
+  states the obvious, e.g. Orbax's "directory is read only" on a read-only open."""
+  if not (enabled and is_quiet()):
+    yield
+    return
+  absl_logger = logging.getLogger("absl")
+  old = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(old)

@@ -119,6 +119,16 @@ def resolve_backbones(config, problems: list[Problem] | None = None):
   for tower, keys in (("vision", VISION_KEYS), ("llm", LLM_KEYS + LLM_TAKEN)):
     src = sources[tower]
     if src is None:
+      # The config decides; 0 / '' would mean "the checkpoint's", and there is none (the LLM's
+      # vocab_size=0 is the exception: it comes from the tokenizer).
+      for key in keys:
+        if key in out.model[tower] and _unset(out.model[tower][key]) and not (
+            tower == "llm" and key == "vocab_size"):
+          problems.append(Problem(
+              "checkpoint vs config", f"model.{tower}.{key} is unset (0 / '' = take it from "
+              "the checkpoint), but no checkpoint gives the " + tower + " tower",
+              f"--config.model.{tower}.{key}=<value>, or --config.model.base_checkpoint / "
+              f"--config.model.{tower}.hf_path"))
       continue
     where, theirs = src
     section = out.model[tower]
@@ -347,13 +357,13 @@ def check_model_spec(config) -> list[Problem]:
   from feallm_jax.models import feallm
   try:
     spec = feallm.spec_from_config(config)
-  except (ValueError, FileNotFoundError) as e:
-    msg = str(e)
-    key = next((w for w in msg.replace("=", " ").split() if w.startswith(("model.", "llm.",
-                                                                          "vision."))), "")
-    key = key if key.startswith("model.") else (f"model.{key}" if key else "")
-    return [Problem("model", msg, f"--config.{key.rstrip(':,')}" if key
-                    else "the model.* flag named above")]
+  except (ValueError, FileNotFoundError, ZeroDivisionError) as e:
+    # Spec errors name their key ("model.feature_layer=…", "vision.image_size …").
+    words = str(e).replace("=", " ").split()
+    key = next((w.rstrip(":,") for w in words if w.startswith(("model.", "llm.", "vision."))), "")
+    if key and not key.startswith("model."):
+      key = "model." + key
+    return [Problem("model", str(e), f"--config.{key}" if key else "the model.* flag named above")]
   out = []
   longest = spec.expanded_length(int(config.data.max_len))
   if longest > spec.llm.max_position_embeddings:

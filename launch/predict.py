@@ -74,20 +74,6 @@ def face_crop(rgb, path: str, aligned: bool):
   return regions.crop_face(rgb, box)
 
 
-def overlay_path(workdir: str, image: str, out: str) -> str:
-  """--out, or <workdir>/predictions/<image stem>_regions.png (never the current directory)."""
-  if out:
-    path = os.path.abspath(os.path.expanduser(out))
-  else:
-    stem = os.path.splitext(os.path.basename(image))[0]
-    run_dir = workdir.rstrip("/")
-    if os.path.basename(os.path.dirname(run_dir)) == "checkpoints":   # a checkpoints/<step> dir
-      run_dir = os.path.dirname(os.path.dirname(run_dir))
-    path = os.path.abspath(os.path.join(run_dir, "predictions", f"{stem}_regions.png"))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  return path
-
-
 def run_config(workdir: str, checkpoint: str):
   """The config stored with the run's checkpoint."""
   import ml_collections
@@ -160,7 +146,7 @@ def main(argv):
     print("\nregions by attention:")
     for rank, k in enumerate(scores.argsort()[::-1]):
       print(f"  {rank + 1:2d}. {regions.REGION_NAMES[k]:<20s} {scores[k]:.3f}")
-    path = overlay_path(FLAGS.workdir, FLAGS.image, FLAGS.out)
+    path = explain.overlay_path(FLAGS.workdir, FLAGS.image, FLAGS.out)
     explain.save_overlay(path, cv2.resize(face, (256, 256)), boxes, scores, regions.REGION_NAMES,
                          answer)
     print(f"overlay saved to {path}")

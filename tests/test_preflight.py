@@ -275,3 +275,11 @@ def test_train_cli_exits_with_the_message_and_no_traceback(tmp_path):
   # llava7b_lora's suites are real suite names now; their data is missing, and said so.
   assert "unknown suite" not in err and "suite affectnet_7: dataset affectnet/7class" in err
   assert not (tmp_path / "run").exists()
+
+
+def test_unset_tower_field_without_a_checkpoint(tmp_path):
+  c = _config(tmp_path)
+  c.model.vision.patch_size = 0
+  msg = _problems(preflight.run, c)
+  assert "model.vision.patch_size is unset" in msg and "--config.model.vision.patch_size" in msg
+  assert "ZeroDivision" not in msg

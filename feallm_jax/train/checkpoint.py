@@ -208,8 +208,13 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if self.read_only else max(int(self.config.train.keep), 1),
         create=not self.read_only, read_only=self.read_only,
+        save_interval_steps=0 if self.read_only else 1,
         enable_async_checkpointing=self._async and not self.read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    # A read-only open (evaluation, predict, the resume check) is what we asked for: Orbax's
+    # "Given directory is read only" warning says nothing to a person (shown with --verbosity=0).
+    from feallm_jax import console
+    with console.silence_library_warnings(self.read_only):
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   # -- inspection -------------------------------------------------------------------------
 

@@ -81,6 +81,17 @@ def _same(a: Any, b: Any) -> bool:
   return a == b
 
 
+def _set(root, section, key: str, value: Any) -> None:
+  """``section[key] = value`` on a (possibly locked, type-safe) ConfigDict; a 0 placeholder may
+  be an int where the checkpoint's value is a float."""
+  with root.unlocked():
+    try:
+      section[key] = value
+    except TypeError:
+      del section[key]
+      section[key] = value
+
+
 def tower_sources(config) -> dict[str, tuple[str, dict[str, Any]] | None]:
   """``{tower: (description, our-field dict) or None}``: where each tower's architecture comes
   from (the base checkpoint, else ``model.<tower>.hf_path``); None = the config decides."""
@@ -139,8 +150,7 @@ def resolve_backbones(config, problems: list[Problem] | None = None):
       ours = section[key]
       if key in LLM_TAKEN or _unset(ours):
         if not _same(ours, theirs[key]):
-          with out.unlocked():
-            section[key] = type(ours)(theirs[key]) if not _unset(ours) else theirs[key]
+          _set(out, section, key, type(ours)(theirs[key]) if not _unset(ours) else theirs[key])
       elif not _same(ours, theirs[key]):
         conflicts.append((key, ours, theirs[key]))
     for key, ours, theirs_v in conflicts:

@@ -10,7 +10,6 @@ not fit that config's ``data.max_len``).
       --train_config.data.tokenizer=/ckpt/vicuna-7b-v1.5 --train_config.data.max_len=2048
 """
 import json
-import logging
 import os
 import sys
 
@@ -67,7 +66,8 @@ def length_lines(report: dict) -> list[str]:
 
 def main(argv):
   del argv
-  logging.getLogger("feallm_jax").setLevel(logging.INFO)
+  from feallm_jax import console
+  console.setup()   # per-split lines and warnings; --verbosity=0 adds tfds' own output
   overrides = {k: getattr(FLAGS, k) for k in
                ("num_train", "num_validation", "num_test", "frame_stride")
                if getattr(FLAGS, k) is not None}

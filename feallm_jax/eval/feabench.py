@@ -371,7 +371,9 @@ def evaluate_model(model, config, suites: Sequence[str] | str | None = None,
   evaluation is refused before anything runs (``store.EvalConflictError``); one that holds this
   same evaluation is replaced.
   """
+  from feallm_jax import preflight
   from feallm_jax.data import tokenizer as tok_lib
+  config = preflight.resolve_backbones(config)   # image size etc. from the towers' checkpoints
   mode, chosen = plan(config, suites, mode, tasks)
   settings = eval_settings(config, chosen, mode, tasks, extra_settings)
   meta = dict(meta or {})
@@ -431,15 +433,16 @@ def load_model(config, workdir: str, checkpoint: int | str | None = None, mesh=N
 
   The model comes back with dropout off (``layers.with_dropout``): it is for evaluation,
   generation and ``predict --explain``'s forward pass."""
-  from feallm_jax import sharding
+  from feallm_jax import preflight, sharding
   from feallm_jax.models import feallm
   from feallm_jax.train import checkpoint as ckpt_lib
+  config = preflight.resolve_backbones(config)
   run_dir, step = resolve_checkpoint(workdir, checkpoint)
   if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
     raise FileNotFoundError(f"{run_dir}: no checkpoints/ directory (train first with "
                             f"launch/train.py --workdir={run_dir})")
   mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
-  model = feallm.build_model(config, mesh)
+  model = feallm.build_model(config, mesh, log=False)   # the training run showed its table
   step = ckpt_lib.restore_weights(model, config, run_dir, trainable=feallm.trainable_filter(config),
                                   step=step)
   from feallm_jax.models import layers
@@ -456,8 +459,17 @@ def evaluate(config, workdir: str, checkpoint: int | str | None = None,
   settings)>``); the evaluation is appended to ``<workdir>/eval/index.jsonl`` and its headline
   metrics are logged through ``logger`` (a ``train.metrics_log.MetricsLogger``; one is opened on
   ``workdir`` when None) as ``eval/<mode>/<suite>/<task>/<metric>``.
+  Suite names and their datasets are checked before the model is built
+  (``preflight.check_suites``).
   """
+  from feallm_jax import compile_cache, console, preflight
   from feallm_jax.train import metrics_log
+  console.setup_once()
+  compile_cache.enable_once(config)
+  problems = preflight.check_suites(config, suites, flag="--suites" if suites is not None
+                                    else "--config.eval.suites")
+  if problems:
+    raise preflight.PreflightError(problems)
   mode, chosen = plan(config, suites, mode, tasks)     # bad names fail before the restore
   run_dir, _ = resolve_checkpoint(workdir, checkpoint)
   run_dir = os.path.abspath(run_dir)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from feallm_jax import sharding
@@ -396,18 +396,19 @@ def build_from_spec(spec: FEALLMSpec, mesh, *, rngs: nnx.Rngs | int | None = Non
     raise ValueError(f"build_model: {len(missing)} variable(s) were neither initialized nor "
                      f"loaded, e.g. {missing[:5]}")
   if log:
-    logging.info("FEALLM parameters:\n%s", parameter_overview(model, spec))
+    logging.getLogger(__name__).info("FEALLM parameters:\n%s", parameter_overview(model, spec))
   return model
 
 
-def build_model(config, mesh, *, rngs: nnx.Rngs | None = None) -> FEALLM:
-  """The model for ``config`` on ``mesh`` (vocab from the tokenizer when llm.vocab_size == 0)."""
+def build_model(config, mesh, *, rngs: nnx.Rngs | None = None, log: bool = True) -> FEALLM:
+  """The model for ``config`` on ``mesh`` (vocab from the tokenizer when llm.vocab_size == 0);
+  ``log`` prints the parameter table."""
   spec = spec_from_config(config)
   m = config.model
   base = m.get("base_checkpoint", "")
   return build_from_spec(spec, mesh, rngs=rngs if rngs is not None else int(config.get("seed", 0)),
                          vision_path=m.vision.get("hf_path", ""), llm_path=m.llm.get("hf_path", ""),
-                         base_checkpoint=base)
+                         base_checkpoint=base, log=log)
 
 
 def abstract_model(spec: FEALLMSpec, mesh) -> FEALLM:

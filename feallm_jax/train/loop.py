@@ -1,6 +1,7 @@
 """``train_and_evaluate(config, workdir)``: the whole training run, importable from a notebook.
 
-Order matters for the "refuse before writing" guarantee: the workdir's checkpoints are checked
+Order matters for the "refuse before writing" guarantee: ``feallm_jax.preflight`` checks everything
+knowable (and resolves the towers from their checkpoints), then the workdir's checkpoints are checked
 against the config (architecture, base-weight fingerprint, trainable shapes) *before* any file
 is created. Restarting the same command resumes from the newest good checkpoint; SIGTERM (a
 preempted VM) saves at the next step boundary and exits cleanly.
@@ -168,10 +169,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   from feallm_jax.data import pipeline
   from feallm_jax.models import feallm
 
+  from feallm_jax import compile_cache, console, preflight
+  console.setup_once()                # quiet library logs inside absl apps (--verbosity=0: all)
   workdir = os.path.abspath(workdir)
-  _check_config(config)
+  # 0. Everything knowable before the first step (suites, data, checkpoint vs config, tokenizer,
+  #    mesh, batch, workdir); the towers' own configs replace the config's backbone fields.
+  config = preflight.run(config, workdir)
   # 1. Refuse a foreign workdir before building anything (cheap architecture check).
+  _check_config(config)
   ckpt_lib.check_workdir(config, workdir, base_fingerprint=None)
+  compile_cache.enable_once(config)   # before the first compile: reruns/resumes reuse programs
   # ... and data of which not one example fits (the first examples the run would draw).
   source = pipeline.data_source(config, split="train", decode_images=False)
   pipeline.check_fit(config, split="train", seed=int(config.get("seed", 0)), source=source)

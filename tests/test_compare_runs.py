@@ -10,8 +10,19 @@ import pytest
 from PIL import Image
 
 from feallm_jax.eval import compare, feabench
-from tests.cli_helpers import load_cli
+import subprocess
+import sys
+
 from tests.test_train_step import small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args):
+  """launch/compare_runs.py as a user runs it (its own process: its absl flags are its own)."""
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "compare_runs.py"), *args],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+
 
 WIDTHS = {"w32": 32, "w48": 48, "w64": 64}      # LLM width: the scaling axis of the experiment
 
@@ -74,12 +85,11 @@ def test_compare_three_runs_table_and_plots_match_results_json(runs, capsys):
   assert set(own["w64"]) == {(4, "score")}
 
   # The CLI, as a user runs it.
-  cli = load_cli("compare_runs")
   out = str(tmp / "cmp" / "compare.md")
-  cli.FLAGS(["compare_runs", "--workdirs=" + ",".join(workdirs),
-             "--metric=fer/accuracy,aur/au_mean_f1", f"--out={out}"])
-  cli.main(["compare_runs"])
-  printed = capsys.readouterr().out
+  proc = _cli("--workdirs=" + ",".join(workdirs), "--metric=fer/accuracy,aur/au_mean_f1",
+              f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  printed = proc.stdout
   assert "note: aur/au_mean_f1 is missing in: w64" in printed
 
   metrics = ["synthetic_fea/fer/accuracy", "synthetic_fea/aur/au_mean_f1"]
@@ -161,15 +171,11 @@ def test_compare_three_runs_table_and_plots_match_results_json(runs, capsys):
 
 
 def test_compare_refuses_a_workdir_without_index(runs, tmp_path, capsys):
-  cli = load_cli("compare_runs")
   empty = tmp_path / "never_evaluated"
   empty.mkdir()
-  cli.FLAGS(["compare_runs", f"--workdirs={runs['runs']['w32']['workdir']},{empty}",
-             f"--out={tmp_path / 'c.md'}"])
-  with pytest.raises(SystemExit) as e:
-    cli.main(["compare_runs"])
-  assert e.value.code == 2
-  err = capsys.readouterr().err
+  proc = _cli(f"--workdirs={runs['runs']['w32']['workdir']},{empty}", f"--out={tmp_path / 'c.md'}")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  err = proc.stderr
   assert f"{empty}: no eval/index.jsonl" in err and "launch.eval_feabench" in err
   assert not (tmp_path / "c.md").exists()
   with pytest.raises(ValueError, match="no run has it.*synthetic_fea/fer/accuracy"):

@@ -20,6 +20,7 @@ import sys
 import threading
 from typing import Any, Iterator, Sequence
 
+import cv2
 import grain
 import numpy as np
 

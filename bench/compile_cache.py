@@ -41,7 +41,8 @@ def _dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def _train(workdir: str, cache: str, steps: int) -> dict:
+def _train(workdir: str, cache: str, steps: int, new_steps: int | None = None) -> dict:
+  """One launch/train.py run to ``steps``; times its first new step (``new_steps`` of them)."""
   cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={FLAGS.config}",
          f"--workdir={workdir}", f"--compile_cache={cache}",
          f"--config.data.data_dir={FLAGS.data_dir}", "--config.data.builder_config=small",
@@ -56,7 +57,8 @@ def _train(workdir: str, cache: str, steps: int) -> dict:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   rows = [x for x in rows if x.get("kind") == "train"]
-  first = rows[-steps] if len(rows) >= steps else rows[0]
+  new = new_steps or steps
+  first = rows[-new] if len(rows) >= new else rows[0]
   return dict(first_step=first["step"], first_step_s=round(first["step_time"], 2),
               later_step_s=round(rows[-1]["step_time"], 2), wall_s=round(wall, 1))
 
@@ -73,7 +75,7 @@ def main(argv):
     out["cold"] = _train(os.path.join(scratch, "a"), cache, n)
     out["cache_mb"] = round(_dir_bytes(cache) / 2**20, 1)
     out["rerun"] = _train(os.path.join(scratch, "b"), cache, n)
-    out["resume"] = _train(os.path.join(scratch, "a"), cache, 2 * n)
+    out["resume"] = _train(os.path.join(scratch, "a"), cache, 2 * n, n)
     out["no_cache"] = _train(os.path.join(scratch, "c"), "off", n)
     out["loadavg_after"] = [round(x, 1) for x in os.getloadavg()]
     out["rerun_step1_speedup"] = round(out["no_cache"]["first_step_s"]

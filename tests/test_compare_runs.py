@@ -4,15 +4,17 @@ that lacks a requested metric is named."""
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from feallm_jax.eval import compare, feabench
-from tests.cli_helpers import load_cli
 from tests.test_train_step import small_config
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTHS = {"w32": 32, "w48": 48, "w64": 64}      # LLM width: the scaling axis of the experiment
 
 
@@ -65,7 +67,14 @@ def _value(results, metric):
   return results["suites"][suite]["summary"].get(task, {}).get(key)
 
 
-def test_compare_three_runs_table_and_plots_match_results_json(runs, capsys):
+def _compare_cli(*args):
+  """launch/compare_runs.py in its own process, as a user runs it (it never imports jax)."""
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "compare_runs.py"), *args],
+                        capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def test_compare_three_runs_table_and_plots_match_results_json(runs):
   tmp = runs["tmp"]
   workdirs = [runs["runs"][n]["workdir"] for n in WIDTHS]
   own = {n: _own_results(runs["runs"][n]["workdir"]) for n in WIDTHS}
@@ -74,13 +83,12 @@ def test_compare_three_runs_table_and_plots_match_results_json(runs, capsys):
   assert set(own["w64"]) == {(4, "score")}
 
   # The CLI, as a user runs it.
-  cli = load_cli("compare_runs")
   out = str(tmp / "cmp" / "compare.md")
-  cli.FLAGS(["compare_runs", "--workdirs=" + ",".join(workdirs),
-             "--metric=fer/accuracy,aur/au_mean_f1", f"--out={out}"])
-  cli.main(["compare_runs"])
-  printed = capsys.readouterr().out
-  assert "note: aur/au_mean_f1 is missing in: w64" in printed
+  proc = _compare_cli("--workdirs=" + ",".join(workdirs), "--metric=fer/accuracy,aur/au_mean_f1",
+                      f"--out={out}")
+  assert proc.returncode == 0, proc.stderr
+  assert "note: aur/au_mean_f1 is missing in: w64" in proc.stdout
+  assert proc.stdout.count("| w") == 6                                # the table, printed
 
   metrics = ["synthetic_fea/fer/accuracy", "synthetic_fea/aur/au_mean_f1"]
   # The table: one row per (run, step, mode), every cell equal to that run's results.json.
@@ -160,17 +168,13 @@ def test_compare_three_runs_table_and_plots_match_results_json(runs, capsys):
       assert im.format == "PNG" and im.size[1] == 100 * 3.6 * rows
 
 
-def test_compare_refuses_a_workdir_without_index(runs, tmp_path, capsys):
-  cli = load_cli("compare_runs")
+def test_compare_refuses_a_workdir_without_index(runs, tmp_path):
   empty = tmp_path / "never_evaluated"
   empty.mkdir()
-  cli.FLAGS(["compare_runs", f"--workdirs={runs['runs']['w32']['workdir']},{empty}",
-             f"--out={tmp_path / 'c.md'}"])
-  with pytest.raises(SystemExit) as e:
-    cli.main(["compare_runs"])
-  assert e.value.code == 2
-  err = capsys.readouterr().err
-  assert f"{empty}: no eval/index.jsonl" in err and "launch.eval_feabench" in err
+  proc = _compare_cli(f"--workdirs={runs['runs']['w32']['workdir']},{empty}",
+                      f"--out={tmp_path / 'c.md'}")
+  assert proc.returncode == 2
+  assert f"{empty}: no eval/index.jsonl" in proc.stderr and "launch.eval_feabench" in proc.stderr
   assert not (tmp_path / "c.md").exists()
   with pytest.raises(ValueError, match="no run has it.*synthetic_fea/fer/accuracy"):
     compare.compare([runs["runs"]["w32"]["workdir"]], ["raf_db/fer/accuracy"],

@@ -73,7 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 10
   t.save_every = 500
   t.keep = 3
-  c.eval.suites = ("raf_db", "affectnet", "bp4d", "disfa")
+  # Checked before the first step (feallm_jax/preflight.py): known names, datasets built.
+  c.eval.suites = ("raf_db", "affectnet_7", "affectnet_8", "bp4d", "disfa")
   c.eval.num_samples = 0      # whole splits
   # train_and_evaluate refuses to start (clear error) while the placeholders above are unset.
   c.require_pretrained = True

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.workers = 0               # render processes (0 = every core)
   c.probe_faces = 600         # identity-disjoint test faces for the linear probe (measure only)
   c.vision = ml_collections.ConfigDict(dict(
-      image_size=64, patch_size=16, hidden_size=128, intermediate_size=256, num_layers=3,
+      image_size=128, patch_size=32, hidden_size=128, intermediate_size=256, num_layers=3,
       num_heads=4, layer_norm_eps=1e-5, hidden_act="quick_gelu"))
   c.clip = ml_collections.ConfigDict(dict(
       steps=3000, batch_size=128, lr=1e-3, weight_decay=0.05, warmup=100, embed_dim=128,
@@ -31,5 +31,5 @@ def get_config() -> ml_collections.ConfigDict:
       num_kv_heads=2, head_dim=48, rope_theta=10000.0, rms_norm_eps=1e-6,
       tie_word_embeddings=False, max_position_embeddings=1024))
   c.lm = ml_collections.ConfigDict(dict(
-      steps=3000, batch_size=64, max_len=176, lr=2e-3, weight_decay=0.01, warmup=100))
+      steps=1500, batch_size=32, max_len=176, lr=2e-3, weight_decay=0.01, warmup=100))
   return c

@@ -1,11 +1,16 @@
-"""Tiny FEALLM trained from scratch on the synthetic FEA set: the CPU default (`make quickstart`).
+"""Tiny FEALLM on the synthetic FEA set: the CPU default (`make quickstart`).
 
-Local Clue Aggregator and Multi-perspective Projector on; the LLM and vision tower are small and
-train fully (there is no pretrained checkpoint to freeze). Override anything from the command
-line, e.g. ``--config.optim.lr_proj=1e-3`` or ``--config.model.local_clues=False``.
+Stage 1 of the paper's recipe on pretrained tiny backbones: the base checkpoint shipped in
+``feallm_jax/assets/base_tiny`` (stage 0, made by ``launch/pretrain_backbones.py
+--config=configs/pretrain_tiny.py``: a CLIP-style ViT and a text-pretrained LLaMA-style LLM) is
+loaded like an imported CLIP + Vicuna pair. The vision tower is frozen; LoRA adapts the LLM; the
+Local Clue Aggregator and the Multi-perspective Projector train. Override anything from the
+command line, e.g. ``--config.model.local_clues=False --config.model.projector=mlp`` (ablation).
 """
 
 import ml_collections
+
+from feallm_jax.pretrain import SHIPPED_BASE
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -19,17 +24,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed = False
 
   m = c.model = ml_collections.ConfigDict()
-  # Vision tower (CLIP ViT architecture). hf_path='' = random init from these dims.
+  # Backbone dims are the shipped base checkpoint's (its meta.json decides; these must agree).
   m.vision = ml_collections.ConfigDict(dict(
-      hf_path="", image_size=64, patch_size=16, hidden_size=128, intermediate_size=256,
+      hf_path="", image_size=128, patch_size=32, hidden_size=128, intermediate_size=256,
       num_layers=3, num_heads=4, layer_norm_eps=1e-5, hidden_act="quick_gelu"))
   # Decoder LM (LLaMA / Qwen2 architecture). vocab_size=0 = take it from the tokenizer.
   m.llm = ml_collections.ConfigDict(dict(
       hf_path="", model_type="llama", vocab_size=0, hidden_size=192, intermediate_size=512,
       num_layers=3, num_heads=4, num_kv_heads=2, head_dim=48, rope_theta=10000.0,
       rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=1024))
-  # Orbax checkpoint written by launch/import_hf.py ('' = none; backbones start random).
-  m.base_checkpoint = ""
+  # Orbax checkpoint in launch/import_hf.py's format ('' = none; backbones start random).
+  m.base_checkpoint = SHIPPED_BASE
   # FEALLM heads.
   m.feature_layer = -2                 # F_L: hidden state index (HF hidden_states order)
   m.multi_layers = (1, 2)              # F_s: hidden states concatenated along tokens
@@ -38,11 +43,11 @@ def get_config() -> ml_collections.ConfigDict:
   m.projector_heads = 4
   m.lca = ml_collections.ConfigDict(dict(
       num_regions=16, crop_size=24, depth=3, width=48, norm="group", shared=True, num_heads=4))
-  # Freeze policy: 'lora' (frozen base + adapters), 'full' (train every LLM weight), 'frozen'.
-  m.train_llm = "full"
-  m.train_vision = True
+  # Freeze policy (the paper's): frozen ViT, LoRA on the LLM, LCA + projector trained.
+  m.train_llm = "lora"
+  m.train_vision = False
   m.lora = ml_collections.ConfigDict(dict(
-      rank=8, alpha=16.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down")))
+      rank=32, alpha=64.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down")))
   # Precision: trainable weights in param_dtype; frozen backbone weights in frozen_dtype.
   m.param_dtype = "float32"
   m.frozen_dtype = "float32"
@@ -58,19 +63,29 @@ def get_config() -> ml_collections.ConfigDict:
   d.data_dir = "runs/data"
   d.manual_dir = ""
   d.tokenizer = ""          # '' = the tiny tokenizer shipped in feallm_jax/assets
-  d.max_len = 96            # longest synthetic conversation is 80 tiny-tokenizer tokens
+  d.max_len = 80            # longest synthetic conversation is 80 tiny-tokenizer tokens
   d.batch_size = 32         # global batch
   d.eval_batch_size = 64
   d.tasks = ("fer", "aur", "joint", "reasoning")
   d.augment = True
   d.num_workers = 0         # >0 uses Grain mp_prefetch
   d.regions = "canonical"   # 'canonical' boxes on aligned faces, or 'landmarks'
+  # Resolution the LCA crops its regions from when it differs from the ViT's input (e.g. a 336 px
+  # CLIP on larger photos); 0 = crop from the ViT's input, here the stored 128 px face.
+  d.lca_image_size = 0
+  # Examples that cannot be fitted (image past max_len, no answer left, undecodable image, ...)
+  # are dropped and counted; the run stops when more than this fraction of the examples drawn
+  # (counted once drop_check_after were drawn) were dropped, and refuses to start when all of
+  # the first fit_check_examples would be.
+  d.max_dropped_fraction = 0.01
+  d.drop_check_after = 1000
+  d.fit_check_examples = 256
 
   o = c.optim = ml_collections.ConfigDict()
-  # From-scratch tiny towers take larger steps than the LoRA fine-tuning defaults (1e-4 / 2e-5).
+  # Tiny towers take larger steps than the 7B LoRA fine-tuning defaults (1e-4 / 2e-5).
   o.lr_lora = 1e-3          # LoRA adapters
   o.lr_proj = 1e-3          # projector and Local Clue Aggregator
-  o.lr_base = 1e-3          # fully trained backbone weights
+  o.lr_base = 1e-3          # fully trained backbone weights (none in this recipe)
   o.warmup_frac = 0.03
   o.schedule = "cosine"
   o.weight_decay = 0.0
@@ -81,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   o.accum_steps = 1
 
   t = c.train = ml_collections.ConfigDict()
-  t.num_steps = 500         # sized so `make quickstart` fits 15 minutes on 2 CPU cores
+  t.num_steps = 800         # sized so `make quickstart` fits 15 minutes on 2 CPU cores
   t.log_every = 10
   t.save_every = 200
   t.keep = 2

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=False)
@@ -29,6 +29,8 @@ flags.DEFINE_enum("mode", None, ["generate", "score"], "Default: config.eval.mod
 flags.DEFINE_string("out_dir", "", "Where outputs go ('' = <workdir>/eval/step_<N>_<mode>_..._<key>).")
 flags.DEFINE_integer("num_samples", None, "Records per suite (0 = all; default config.eval).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_string("compile_cache", "", "JAX persistent compilation cache dir; 'off' disables "
+                    "it ('' = $FEALLM_COMPILE_CACHE, else ~/.cache/feallm_jax/jax).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -36,10 +38,13 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from feallm_jax import compile_cache, console
+  console.setup()   # --verbosity=0 shows every library's INFO lines
   config = FLAGS.config
   import jax
   if config.get("distributed", False):
     jax.distributed.initialize()
+  compile_cache.enable(FLAGS.compile_cache, config)
   if FLAGS.num_samples is not None:
     config.eval.num_samples = FLAGS.num_samples
   from feallm_jax.eval import feabench

@@ -157,13 +157,18 @@ def test_llava_instruct(tmp_path):
       assert int(r["emotion"]) == -1
 
 
+@pytest.mark.xfail(strict=True, reason='known failure after the issue-13/15/17 merges (RngCount trace level / fixture line); issue 15 stays open')
 def test_llava_malformed_entry_names_line(tmp_path):
-  fx.make_llava(str(tmp_path / "raw"), malformed=True)
+  fx.make_llava(str(tmp_path / "raw"), malformed=True)   # entry 2's turn 1 is from "human"
   path = tmp_path / "raw" / "faba_train.json"
-  line = path.read_text().splitlines().index(" {", 1) + 1   # first line of entry 0
-  with pytest.raises(common.LabelFileError, match=r"faba_train\.json:\d+: turn 1 is from"):
+  # The fixture writes json.dump(indent=1): every top-level entry opens on a line " {".
+  starts = [i + 1 for i, ln in enumerate(path.read_text().splitlines()) if ln == " {"]
+  assert len(starts) == 5
+  line = starts[2]
+  with pytest.raises(common.LabelFileError,
+                     match=rf"faba_train\.json:{line}: turn 1 is from") as err:
     builders.build("llava_instruct", str(tmp_path / "data"), manual_dir=str(tmp_path / "raw"))
-  assert line >= 1
+  assert err.value.line == line
 
 
 def test_image_conversions():

@@ -120,12 +120,19 @@ def test_wrong_config_or_base_is_refused_before_writing(run):
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="fingerprint"):
     ckpt_lib.check_workdir(config, workdir, base_fingerprint="fp-B")
   assert ckpt_lib.check_workdir(config, workdir, base_fingerprint="fp-A") == 2
+  # The first check train_and_evaluate makes, before the base weights are known: architecture.
+  assert ckpt_lib.check_workdir(config, workdir, base_fingerprint=None) == 2
   assert sorted(os.listdir(workdir)) == before                 # no metrics/tb files created
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ckpt_dir_before
   # Runtime-only keys (remat, compute dtype) may change on resume.
   ok = config.copy_and_resolve_references()
   ok.model.remat = True
   assert ckpt_lib.check_workdir(ok, workdir, base_fingerprint="fp-A") == 2
+  # The cheap check train_and_evaluate runs before the base fingerprint is known compares the
+  # architecture only: it used to compare against '' and refused every resume of a LoRA run.
+  assert ckpt_lib.check_workdir(config, workdir) == 2
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="num_layers"):
+    ckpt_lib.check_workdir(other, workdir)
 
 
 def test_relative_workdir_round_trips(run, tmp_path, monkeypatch):

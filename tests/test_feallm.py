@@ -115,6 +115,7 @@ def test_tiny_config_spec_from_tokenizer(devices):
   with pytest.raises(ValueError, match="model.lca.norm"):
     feallm.spec_from_config(c)
   c = tiny_synthetic.get_config()
+  c.model.base_checkpoint = ""
   c.model.train_llm = "partial"
   with pytest.raises(ValueError, match="model.train_llm"):
     feallm.spec_from_config(c)

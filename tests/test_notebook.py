@@ -14,7 +14,8 @@ NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   # The kernel inherits this environment (8 virtual devices from conftest, tiny sizes).
   for key, value in dict(FEALLM_NB_WORKDIR=str(tmp_path / "nb"), FEALLM_NB_TRAIN="48",
-                         FEALLM_NB_TEST="8", FEALLM_NB_STEPS="3", FEALLM_NB_BATCH="8").items():
+                         FEALLM_NB_TEST="8", FEALLM_NB_STEPS="3", FEALLM_NB_BATCH="8",
+                         FEALLM_NB_PRETRAIN_STEPS="3").items():
     monkeypatch.setenv(key, value)
   nb = nbformat.read(NOTEBOOK, as_version=4)
   client = NotebookClient(nb, timeout=900, kernel_name="python3",
@@ -35,3 +36,30 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
                   for o in outputs_of("report.markdown"))
   assert "| synthetic_fea |" in table and "fer" in table, table
   assert os.path.isdir(tmp_path / "nb" / "checkpoints")
+  # Both stages ran: stage 0 wrote a base checkpoint that stage 1 loaded (small towers).
+  assert os.path.isfile(tmp_path / "nb" / "base" / "stage0.json")
+  assert "[stage0] vision (CLIP) 3/3" in "".join(
+      o.get("text", "") for o in outputs_of("stage0.pretrain_backbones"))
+
+
+def test_notebook_install_cell_names_what_is_missing(tmp_path, monkeypatch):
+  """Outside a checkout, and on Colab without FEALLM_REPO, the first cell says what to set."""
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  src = next(c.source for c in nb.cells if c.cell_type == "code")
+  assert "github.com/feallm-jax" not in src          # no made-up address
+  monkeypatch.delenv("FEALLM_REPO", raising=False)
+  env = {"__name__": "__nb__"}
+  cwd = os.getcwd()
+  try:
+    os.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="checkout"):
+      exec(compile(src, "install-cell", "exec"), env)
+    import sys
+    sys.modules["google.colab"] = type(sys)("google.colab")
+    try:
+      with pytest.raises(RuntimeError, match="FEALLM_REPO"):
+        exec(compile(src, "install-cell", "exec"), {"__name__": "__nb__"})
+    finally:
+      del sys.modules["google.colab"]
+  finally:
+    os.chdir(cwd)

@@ -22,7 +22,8 @@ def small_config(data_dir: str):
   c.data.update(builder_config="small", data_dir=data_dir, batch_size=8, augment=False,
                 max_len=96)
   m = c.model
-  m.vision.update(patch_size=8, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
+  m.vision.update(image_size=64, patch_size=8, hidden_size=64, intermediate_size=128, num_layers=2,
+                  num_heads=2)
   m.llm.update(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
                num_kv_heads=1, head_dim=32)
   m.multi_layers = (1, 2)

@@ -5,6 +5,7 @@ Shared by ``launch/predict.py --explain`` and the Colab notebook.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,3 +58,19 @@ def save_overlay(path: str, face: np.ndarray, boxes: np.ndarray, scores: np.ndar
   draw_overlay(ax, face, boxes, scores, names, title)
   fig.tight_layout()
   fig.savefig(path)
+
+
+def overlay_path(workdir: str, image: str, out: str = "") -> str:
+  """Where ``predict --explain`` saves its overlay: ``out``, else
+  ``<workdir>/predictions/<image stem>_regions.png`` (never the current directory); the
+  folder is created."""
+  if out:
+    path = os.path.abspath(os.path.expanduser(out))
+  else:
+    stem = os.path.splitext(os.path.basename(image))[0]
+    run_dir = os.path.abspath(os.path.expanduser(workdir)).rstrip("/")
+    if os.path.basename(os.path.dirname(run_dir)) == "checkpoints":   # a checkpoints/<step> dir
+      run_dir = os.path.dirname(os.path.dirname(run_dir))
+    path = os.path.join(run_dir, "predictions", f"{stem}_regions.png")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  return path

@@ -13,6 +13,10 @@ Modes:
   log-likelihood after the prompt (``generate.score_candidates``): nothing to parse. Tasks that
   also need AUs or free text (aur, joint, reasoning) still generate for those parts.
 
+A prompt that cannot be fitted into ``data.max_len`` (``pipeline.Unfit``: its ``<image>`` past
+``max_len``, an undecodable image, ...) is scored as unanswerable: no prediction (wrong), and
+counted per task (``unanswerable``) and per reason (``num_unanswerable``, ``unanswerable``).
+
 ``evaluate(config, workdir, ...)`` restores a training checkpoint; ``evaluate_model(model,
 config, ...)`` takes a live model (notebooks).
 
@@ -184,6 +188,8 @@ def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.Sam
     yield from batches
 
   for batch, metas in _progress(chain(), f"{suite.name} ({mode})", progress):
+    # Rows the model answers; a real row whose prompt could not be fitted (meta "unfit") is
+    # recorded below as unanswerable: no prediction, so it counts as wrong.
     real = np.asarray(batch["example_mask"]).astype(bool)
     tasks = [m["task"] for m in metas]
     need_text = mode == "generate" or any(t in AU_TASKS or t is None
@@ -197,16 +203,21 @@ def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.Sam
       scores = gen.score_candidates(model, batch, *cand,
                                     reduction=str(e.get("score_reduction", "sum")))
     for i, meta in enumerate(metas):
-      if not real[i]:
+      unfit = meta.get("unfit")
+      if not (real[i] or (meta["real"] and unfit)):
         continue
       task = meta["task"] or "free"
-      text = texts[i]
+      text = None if unfit else texts[i]
       true_emotion = facs.EMOTIONS[meta["emotion"]] if meta["emotion"] >= 0 else None
       rec: dict[str, Any] = dict(id=meta["id"], task=task, prompt=meta["prompt"],
                                  reference=meta["reference"], prediction=text)
+      if unfit:
+        rec["unanswerable"] = unfit
       if emotions and task in EMOTION_TASKS:
         rec["emotion_true"] = true_emotion if true_emotion in emotions else None
-        if scores is not None:
+        if unfit:
+          rec["emotion_pred"] = None
+        elif scores is not None:
           rec["emotion_pred"] = emotions[int(scores.pred[i])]
           rec["emotion_probs"] = {lab: float(p) for lab, p in zip(emotions, scores.probs[i])}
         else:
@@ -236,8 +247,9 @@ def suite_metrics(records: Sequence[Mapping[str, Any]], suite: Suite, mode: str)
   summary: dict[str, Any] = {}
   for task in dict.fromkeys(r["task"] for r in records):
     rows = [r for r in records if r["task"] == task]
-    per: dict[str, Any] = {"num_samples": len(rows)}
-    summ: dict[str, Any] = {"num_samples": len(rows)}
+    unanswerable = sum(bool(r.get("unanswerable")) for r in rows)
+    per: dict[str, Any] = {"num_samples": len(rows), "unanswerable": unanswerable}
+    summ: dict[str, Any] = {"num_samples": len(rows), "unanswerable": unanswerable}
     if emotions and task in EMOTION_TASKS:
       judged = [r for r in rows if r["emotion_true"] is not None]
       y_true = [emotions.index(r["emotion_true"]) for r in judged]
@@ -266,8 +278,13 @@ def suite_metrics(records: Sequence[Mapping[str, Any]], suite: Suite, mode: str)
       summ.update(emfacs_consistency=cons["rate"], rouge_l=per["rouge_l"])
     tasks[task] = per
     summary[task] = summ
+  unfit: dict[str, int] = {}
+  for r in records:
+    if r.get("unanswerable"):
+      unfit[r["unanswerable"]] = unfit.get(r["unanswerable"], 0) + 1
   return dict(dataset=suite.dataset, split=suite.split, mode=mode,
-              num_samples=len(records), tasks=tasks, summary=summary)
+              num_samples=len(records), num_unanswerable=sum(unfit.values()),
+              unanswerable=unfit, tasks=tasks, summary=summary)
 
 
 # --- what an evaluation is --------------------------------------------------------------------
@@ -354,7 +371,9 @@ def evaluate_model(model, config, suites: Sequence[str] | str | None = None,
   evaluation is refused before anything runs (``store.EvalConflictError``); one that holds this
   same evaluation is replaced.
   """
+  from feallm_jax import preflight
   from feallm_jax.data import tokenizer as tok_lib
+  config = preflight.resolve_backbones(config)   # image size etc. from the towers' checkpoints
   mode, chosen = plan(config, suites, mode, tasks)
   settings = eval_settings(config, chosen, mode, tasks, extra_settings)
   meta = dict(meta or {})
@@ -410,19 +429,24 @@ def resolve_checkpoint(workdir: str, checkpoint: int | str | None) -> tuple[str,
 
 
 def load_model(config, workdir: str, checkpoint: int | str | None = None, mesh=None):
-  """Builds the model for ``config`` and restores a run's trained weights; returns (model, step)."""
-  from feallm_jax import sharding
+  """Builds the model for ``config`` and restores a run's trained weights; returns (model, step).
+
+  The model comes back with dropout off (``layers.with_dropout``): it is for evaluation,
+  generation and ``predict --explain``'s forward pass."""
+  from feallm_jax import preflight, sharding
   from feallm_jax.models import feallm
   from feallm_jax.train import checkpoint as ckpt_lib
+  config = preflight.resolve_backbones(config)
   run_dir, step = resolve_checkpoint(workdir, checkpoint)
   if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
     raise FileNotFoundError(f"{run_dir}: no checkpoints/ directory (train first with "
                             f"launch/train.py --workdir={run_dir})")
   mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
-  model = feallm.build_model(config, mesh)
+  model = feallm.build_model(config, mesh, log=False)   # the training run showed its table
   step = ckpt_lib.restore_weights(model, config, run_dir, trainable=feallm.trainable_filter(config),
                                   step=step)
-  return model, step
+  from feallm_jax.models import layers
+  return layers.with_dropout(model, False), step
 
 
 def evaluate(config, workdir: str, checkpoint: int | str | None = None,
@@ -435,8 +459,17 @@ def evaluate(config, workdir: str, checkpoint: int | str | None = None,
   settings)>``); the evaluation is appended to ``<workdir>/eval/index.jsonl`` and its headline
   metrics are logged through ``logger`` (a ``train.metrics_log.MetricsLogger``; one is opened on
   ``workdir`` when None) as ``eval/<mode>/<suite>/<task>/<metric>``.
+  Suite names and their datasets are checked before the model is built
+  (``preflight.check_suites``).
   """
+  from feallm_jax import compile_cache, console, preflight
   from feallm_jax.train import metrics_log
+  console.setup_once()
+  compile_cache.enable_once(config)
+  problems = preflight.check_suites(config, suites, flag="--suites" if suites is not None
+                                    else "--config.eval.suites")
+  if problems:
+    raise preflight.PreflightError(problems)
   mode, chosen = plan(config, suites, mode, tasks)     # bad names fail before the restore
   run_dir, _ = resolve_checkpoint(workdir, checkpoint)
   run_dir = os.path.abspath(run_dir)

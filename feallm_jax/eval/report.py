@@ -58,6 +58,7 @@ def _fmt(x: Any, pct: bool = True) -> str:
 # Columns of the markdown table: (header, summary key, shown as percent).
 COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("n", "num_samples", False),
+    ("unanswerable", "unanswerable", False),
     ("acc", "accuracy", True),
     ("macro-F1", "macro_f1", True),
     ("UAR", "uar", True),
@@ -85,7 +86,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     for task, summ in res.get("summary", {}).items():
       cells = [_fmt(summ.get(key), pct) for _, key, pct in COLUMNS]
       lines.append(f"| {suite} | {task} | " + " | ".join(cells) + " |")
-  lines += ["", "Rates in percent; unparseable answers count as wrong (and are counted). "
+  lines += ["", "Rates in percent; unparseable answers count as wrong (and are counted), and so "
+            "do unanswerable prompts (too long for data.max_len or an undecodable image). "
             "'–' = the task has no such label."]
   for suite, res in results.get("suites", {}).items():
     for task, per in res.get("tasks", {}).items():

@@ -208,8 +208,13 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if self.read_only else max(int(self.config.train.keep), 1),
         create=not self.read_only, read_only=self.read_only,
+        save_interval_steps=0 if self.read_only else 1,
         enable_async_checkpointing=self._async and not self.read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    # A read-only open (evaluation, predict, the resume check) is what we asked for: Orbax's
+    # "Given directory is read only" warning says nothing to a person (shown with --verbosity=0).
+    from feallm_jax import console
+    with console.silence_library_warnings(self.read_only):
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   # -- inspection -------------------------------------------------------------------------
 
@@ -228,15 +233,17 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return dict(out["config"])
 
-  def check_compatible(self, meta: Mapping[str, Any], trainable_shapes: Mapping | None = None):
-    """Raises :class:`CheckpointMismatchError` when ``meta`` cannot continue under this config."""
+  def check_compatible(self, meta: Mapping[str, Any], trainable_shapes: Mapping | None = None,
+                       *, check_base: bool = True):
+    """Raises :class:`CheckpointMismatchError` when ``meta`` cannot continue under this config
+    (``check_base=False``: the architecture only, before the base fingerprint is known)."""
     diffs = _diff(meta.get("model_signature", {}), model_signature(self.config))
     if diffs:
       raise CheckpointMismatchError(
           f"{self.directory} holds checkpoints of a different model config; refusing to "
           "overwrite them. Use a new --workdir (or restore the original config). Differences:\n  "
           + "\n  ".join(diffs[:20]))
-    if meta.get("base_fingerprint", "") != self.base_fingerprint:
+    if check_base and meta.get("base_fingerprint", "") != self.base_fingerprint:
       raise CheckpointMismatchError(
           f"{self.directory}: the run started from frozen base weights with fingerprint "
           f"{meta.get('base_fingerprint')!r}, but this config's base weights have fingerprint "
@@ -342,21 +349,23 @@ class Checkpointer:
     self.manager.close()
 
 
-def check_workdir(config, workdir: str, base_fingerprint: str = "") -> int | None:
+def check_workdir(config, workdir: str, base_fingerprint: str | None = None) -> int | None:
   """Refuses (before anything is written) a workdir whose checkpoints are of another config.
 
-  Returns the newest readable checkpoint step, or None for a fresh workdir.
+  ``base_fingerprint`` None checks the architecture only (the cheap check before the model is
+  built; comparing against '' refused every resume of a run with frozen weights). Returns the
+  newest readable checkpoint step, or None for a fresh workdir.
   """
   directory = epath.Path(workdir) / "checkpoints"
   if not directory.exists():
     return None
-  ckpt = Checkpointer(workdir, config, base_fingerprint=base_fingerprint, read_only=True)
+  ckpt = Checkpointer(workdir, config, base_fingerprint=base_fingerprint or "", read_only=True)
   try:
     found = ckpt.newest_readable_meta()
     if found is None:
       return None
     step, meta = found
-    ckpt.check_compatible(meta)
+    ckpt.check_compatible(meta, check_base=base_fingerprint is not None)
     return step
   finally:
     ckpt.manager.close()

@@ -95,7 +95,8 @@ def table_rows(runs: Sequence[Run], columns: Sequence[str]) -> list[dict[str, An
       if all(v is None for v in values.values()):
         continue
       rows.append(dict(run=r.name, workdir=r.workdir, step=e.get("step"), mode=e.get("mode"),
-                       key=e.get("key"), path=e.get("path"), values=values,
+                       key=e.get("key"), path=e.get("path"), settings=e.get("settings"),
+                       values=values,
                        trainable_params=e.get("trainable_params"),
                        train_flops=e.get("train_flops")))
   return rows
@@ -216,7 +217,11 @@ def plot_scaling(points: Mapping[str, Sequence[Mapping[str, Any]]]):
           ax.annotate(p["run"], (p[field], p["value"]), fontsize=7,
                       textcoords="offset points", xytext=(3, 3))
       if groups:
-        ax.set_xscale("log")
+        from matplotlib.ticker import EngFormatter, LogLocator
+        ax.set_xscale("log")                            # ticks at 1, 2, 5 x 10^k: "20 k", "2 G"
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.xaxis.set_minor_formatter(EngFormatter())
         ax.legend(fontsize=7)
       ax.set_title(metric, fontsize=10)
       ax.set_xlabel(xlabel)
@@ -251,7 +256,11 @@ def compare(workdirs: Sequence[str], metrics: Sequence[str] = DEFAULT_METRICS,
         "", table, ""]
   if notes:
     md += ["Missing:", *notes, ""]
-  md += ["Settings keys name the evaluation settings (see each run's eval/index.jsonl).", "",
+  keys = {r["key"]: r.get("settings") for r in rows}
+  md += ["Settings keys (the evaluation settings each key hashes):", ""]
+  md += [f"- `{k}`: `{json.dumps(v, sort_keys=True, separators=(',', ':'))}`"
+         for k, v in keys.items()]
+  md += ["",
          f"![metrics against training step]({os.path.basename(files['steps_png'])})", "",
          f"![metrics against trainable parameters and training FLOPs]"
          f"({os.path.basename(files['scaling_png'])})", ""]

@@ -161,9 +161,12 @@ def test_train_step_applies_dropout_and_advances_its_streams(built):
     losses.append(float(m["loss"]))
     # One draw per adapter per micro-batch (remat's recomputation draws nothing extra).
     assert _counts(state.rest) == [8 * k] * (len(TARGETS) * 2)
-  # Dropout masks the adapters' inputs: the same weights and batch give another loss.
-  print("LOSSES", losses, ref_loss)
-  assert abs(losses[0] - ref_loss) > 20 * 2e-3 * ref_loss, (losses[0], ref_loss)
+  # Dropout masks the adapters' inputs: the same weights and batch give another loss, and the
+  # second step (new masks; the warmup keeps the update near zero) another again. Measured:
+  # without dropout the step's loss is within 6e-5 of ref_loss and repeats exactly; with it,
+  # 0.016 and 0.005 away.
+  assert abs(losses[0] - ref_loss) > 2e-3, (losses, ref_loss)
+  assert abs(losses[1] - losses[0]) > 1e-3, losses
   # The model handed to evaluation has dropout off.
   assert all(d.deterministic for _, d in _dropouts(tr.merge(state)))
 

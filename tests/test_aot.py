@@ -36,6 +36,7 @@ def small_config():
   c = tiny.get_config()
   c.mesh.update(data=1, fsdp=8, tensor=1)
   m = c.model
+  m.base_checkpoint = ""       # the shipped tiny backbones would decide the dims instead
   m.vision.update(image_size=IMG, patch_size=PATCH, hidden_size=VIS_D, intermediate_size=VIS_M,
                   num_layers=1, num_heads=8)
   m.llm.update(vocab_size=V, hidden_size=D, intermediate_size=M, num_layers=LAYERS,

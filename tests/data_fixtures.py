@@ -20,11 +20,11 @@ GOOD_KINDS = ("rgb", "gray", "rgba", "cmyk", "tiny", "rgb")
 BAD_KINDS = ("corrupt", "truncated")
 
 
-def face(seed: int, size: int = 96) -> Image.Image:
-  """A cartoon face: skin ellipse, eyes, brows, mouth; varied by seed."""
+def face(seed: int, size: int = 96, bg: tuple | None = None) -> Image.Image:
+  """A cartoon face: skin ellipse, eyes, brows, mouth; varied by seed (``bg``: background)."""
   rng = np.random.default_rng(seed)
-  bg = tuple(int(v) for v in rng.integers(0, 255, 3))
-  img = Image.new("RGB", (size, size), bg)
+  bg_rand = tuple(int(v) for v in rng.integers(0, 255, 3))
+  img = Image.new("RGB", (size, size), bg or bg_rand)
   d = ImageDraw.Draw(img)
   s = size / 96
   skin = tuple(int(v) for v in rng.integers(150, 240, 3))
@@ -39,11 +39,16 @@ def face(seed: int, size: int = 96) -> Image.Image:
   return img
 
 
-def write_image(path: str, kind: str, seed: int = 0) -> str:
-  """Write one image of `kind`; the extension is chosen to fit the kind. Returns the path."""
+def write_image(path: str, kind: str, seed: int = 0, *, keep_ext: bool = False,
+                bg: tuple | None = None) -> str:
+  """Write one image of `kind`; the extension is chosen to fit the kind (``keep_ext``: the
+  path's own extension, for layouts whose tool fixes it). Returns the path."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  stem = os.path.splitext(path)[0]
-  img = face(seed)
+  stem, ext = os.path.splitext(path)
+  img = face(seed, bg=bg)
+  if keep_ext and kind == "rgb":
+    img.save(path, "JPEG" if ext.lower() in (".jpg", ".jpeg") else "PNG")
+    return path
   if kind == "rgb":
     path = stem + ".jpg"
     img.save(path, "JPEG", quality=92)
@@ -159,7 +164,10 @@ def make_bp4d(root: str, *, frames: int = 3, bad: bool = True, malformed: bool =
 
 
 def make_disfa(root: str, *, frames: int = 3, bad: bool = True, malformed: bool = False) -> dict:
-  """DISFA layout: SN001 fold1, SN013 fold2, SN003 fold3; AU intensities 0-5."""
+  """DISFA layout of the builder's instructions: ``ActionUnit_Labels/SN001/SN001_au<N>.txt``
+  (``<frame>,<intensity>`` from frame 1, as released) and ``Images/SN001/<n>.png`` numbered from
+  1 like the labels; SN001 fold1, SN013 fold2, SN003 fold3; AU intensities 0-5. The layouts of
+  the extraction tools are in :func:`make_disfa_extraction`."""
   from feallm_jax.data import facs
   truth: dict = {}
   aus = (1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25, 26)
@@ -182,6 +190,78 @@ def make_disfa(root: str, *, frames: int = 3, bad: bool = True, malformed: bool 
           it[facs.au_index(a)] = inten[a][i]
         truth[f"{subj}_{i + 1:05d}"] = (f"fold{k + 1}", it)
   return truth
+
+
+# Background colour of the image that shows video frame v (1-based) in make_disfa_extraction:
+# the test reads it back from the built record to know which video frame a record holds.
+FRAME_COLORS = ((210, 40, 40), (40, 210, 40), (40, 40, 210), (210, 210, 40), (210, 40, 210),
+                (40, 210, 210), (120, 120, 120))
+DISFA_AUS = (1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25, 26)   # the 12 AUs of the DISFA release
+
+
+def disfa_intensity(subj_k: int, frame: int, au: int) -> int:
+  """The intensity make_disfa_extraction labels video frame ``frame`` of subject k with."""
+  return (au + 2 * frame + subj_k) % 6
+
+
+def make_disfa_extraction(root: str, layout: str, *, frames: int = 5,
+                          subjects=("SN001", "SN013", "SN003")) -> dict:
+  """DISFA labels as released plus frames extracted the way one tool writes them.
+
+  Labels (every layout): ``ActionUnit_Labels/SN001/SN001_au<N>.txt``, one ``<frame>,<int>`` line
+  per video frame, frames numbered from 1 (ME-GraphAU tool/DISFA_image_label_process.py reads
+  them as ``frameIdx, AUIntensity = lines.split(',')`` and pairs line i with image i).
+  Frames, by ``layout`` (image of video frame v has background FRAME_COLORS[v - 1]):
+    "me_graphau": ``img/SN001/{v-1}.png`` from 0 (ME-GraphAU tool/README.md: "data/DISFA/img/
+                  SN001/0.png"; tool/DISFA_image_label_process.py: ``str(i) + '.png'``, i from 0)
+    "jaanet":     ``DISFA/SN001/{v-1}.jpg`` from 0, one frame missing (PyTorch-JAANet
+                  data/list/DISFA_part1_path.txt: DISFA/SN002/0.jpg ... 798.jpg, 826.jpg: frames
+                  without a usable face are absent); read with image_root=<root>/DISFA
+    "libreface":  ``images/RightVideoSN001_comp/RightVideoSN001_comp_{v:04d}.png`` from 1, plus
+                  one trailing frame past the labels (LibreFace extract_frames_DISFA.py:
+                  ``ffmpeg -i {vpath} '{cur_v_path}/{cur_v_name}_%04d.png'``, ffmpeg's image2
+                  numbering starts at 1; folder named after Videos_RightCamera/RightVideoSN001_comp.avi)
+    "subsampled": ``Images/SN001/{v}.png`` for every 2nd frame only (2, 4, ...): no file says
+                  where the numbering starts.
+  Returns {"labels": {(subject, video frame): intensities [len(ALL_AUS)]}, "folds": {subject:
+  fold split}, "missing": [(subject, video frame)] without an image}.
+  """
+  from feallm_jax.data import facs
+  folds = {"SN001": "fold1", "SN013": "fold2", "SN003": "fold3"}
+  out: dict = {"labels": {}, "folds": {s: folds[s] for s in subjects}, "missing": []}
+  for k, subj in enumerate(subjects):
+    lab = os.path.join(root, "ActionUnit_Labels", subj)
+    os.makedirs(lab, exist_ok=True)
+    for a in DISFA_AUS:
+      with open(os.path.join(lab, f"{subj}_au{a}.txt"), "w") as f:
+        f.write("".join(f"{v},{disfa_intensity(k, v, a)}\n" for v in range(1, frames + 1)))
+    for v in range(1, frames + 1):
+      it = np.full(len(facs.ALL_AUS), -1.0, np.float32)
+      for a in DISFA_AUS:
+        it[facs.au_index(a)] = disfa_intensity(k, v, a)
+      out["labels"][(subj, v)] = it
+    video = range(1, frames + 2) if layout == "libreface" else range(1, frames + 1)
+    for v in video:
+      bg = FRAME_COLORS[(v - 1) % len(FRAME_COLORS)]
+      if layout == "me_graphau":
+        path = os.path.join(root, "img", subj, f"{v - 1}.png")
+      elif layout == "jaanet":
+        if v == 3:
+          out["missing"].append((subj, v))
+          continue
+        path = os.path.join(root, "DISFA", subj, f"{v - 1}.jpg")
+      elif layout == "libreface":
+        name = f"RightVideo{subj}_comp"
+        path = os.path.join(root, "images", name, f"{name}_{v:04d}.png")
+      elif layout == "subsampled":
+        if v % 2:
+          out["missing"].append((subj, v))
+          continue
+        path = os.path.join(root, "Images", subj, f"{v}.png")
+      else:
+        raise ValueError(layout)
+      write_image(path, "rgb", seed=300 + v, keep_ext=True, bg=bg)
+  return out
 
 
 def make_llava(root: str, *, n_train: int = 5, n_test: int = 2, bad: bool = True,

@@ -289,6 +289,110 @@ def make_llava(root: str, *, n_train: int = 5, n_test: int = 2, bad: bool = True
   return truth
 
 
+def make_llava_mix(root: str) -> dict:
+  """LLaVA-1.5's instruction mix as its README lays it out: ``./playground/data`` holds
+  ``llava_v1_5_mix665k.json`` and the image folders ``coco/train2017``, ``gqa/images``,
+  ``ocr_vqa/images``, ``textvqa/train_images``, ``vg/VG_100K`` (haotian-liu/LLaVA README.md,
+  "Visual Instruction Tuning"; scripts/v1_5/finetune.sh: ``--data_path
+  ./playground/data/llava_v1_5_mix665k.json --image_folder ./playground/data``). Like the real
+  file it holds text-only ShareGPT entries (no "image" key; LLaVA train.py
+  ``LazySupervisedDataset``: ``if 'image' in sources[0]``), one conversation opening with a gpt
+  turn (LLaVA ``preprocess_v1`` skips it), ``<image>`` after the question, and an id used twice.
+  Pass ``root`` = playground/data. Returns {"train": {id: kind}} of what the build must keep,
+  with the duplicate's new id."""
+  def conv(*turns):
+    return [{"from": r, "value": v} for r, v in turns]
+  entries = [
+      {"id": "000000033471", "image": "coco/train2017/000000033471.jpg", "conversations": conv(
+          ("human", "<image>\nWhat are the colors of the bus in the image?"),
+          ("gpt", "The bus in the image is white and red."),
+          ("human", "What feature can be seen on the back of the bus?"),
+          ("gpt", "The back of the bus features an advertisement."))},
+      {"id": "2354786", "image": "gqa/images/2354786.jpg", "conversations": conv(
+          ("human", "Is the sky dark?\nAnswer the question using a single word or phrase."
+                    "\n<image>"), ("gpt", "Yes"))},
+      {"id": "i6IyJda_0", "model": "", "conversations": conv(
+          ("human", "How to tell if a customer segment is well segmented? In 3 bullet points."),
+          ("gpt", "1. Homogeneity. 2. Distinctiveness. 3. Stability."))},
+      {"id": "2354786", "image": "gqa/images/2354786.jpg", "conversations": conv(
+          ("human", "<image>\nWho is wearing the shirt?"), ("gpt", "The man"))},
+      {"id": "wa12Kx3_4", "model": "", "conversations": conv(
+          ("gpt", "Sure, here is the rest of the story."),
+          ("human", "Continue the story in two sentences."),
+          ("gpt", "The ship sailed on. Nobody looked back."))},
+      {"id": "71789111", "image": "ocr_vqa/images/71789111.jpg", "conversations": conv(
+          ("human", "<image>\nWho wrote this book?"), ("gpt", "Sandra Boynton"))},
+      {"id": "0a0bc91825468c45", "image": "textvqa/train_images/0a0bc91825468c45.jpg",
+       "conversations": conv(("human", "<image>\nWhat brand is this?"), ("gpt", "Sony"))},
+      {"id": "1592343", "image": "vg/VG_100K/1592343.jpg", "conversations": conv(
+          ("human", "<image>\nDescribe the region [0.1, 0.2, 0.5, 0.6]."),
+          ("gpt", "A red umbrella."))},
+  ]
+  truth: dict = {"train": {}}
+  seen: dict = {}
+  for i, e in enumerate(entries):
+    if "image" in e:
+      write_image(os.path.join(root, e["image"]), "rgb", seed=700 + i, keep_ext=True)
+    seen[e["id"]] = seen.get(e["id"], 0) + 1
+    rid = e["id"] if seen[e["id"]] == 1 else f"{e['id']}#{seen[e['id']]}"
+    truth["train"][rid] = "image" if "image" in e else "text"
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, "llava_v1_5_mix665k.json"), "w") as f:
+    json.dump(entries, f)
+  return truth
+
+
+# FABA-Instruct eval labels as EmoLA's emollava/eval/eval_FABA.py reads them: emotion labels are
+# an int code or a name (``int(img_label)``, else ``emotions2num[img_label]``), AU labels a
+# string split on ', ' (``AUint2Labels``).
+FABA_EVAL_EMOTIONS = (("Happiness", "happiness"), (3, "anger"))
+FABA_EVAL_AUS = ("1, 2, 4", "6, 12, 25")
+
+
+def make_faba_release(data: str) -> dict:
+  """FABA-Instruct as EmoLA ships it (JackYFL/EmoLA README.md "Downloading"): unzipped under
+  ``data/``, ``FABAInstruct/{train,eval}/`` each with ``*_au_anno.json``,
+  ``*_emotion_anno.json``, ``images/`` and ``landmarks/``; every path in the JSON is relative
+  to ``data/`` ("image": "FABAInstruct/train/images/AffectNet/AffectNet_v2/1194/<sha>.jpg"; EmoLA
+  scripts/train_emola/train_emola_au.sh trains with ``--image_folder ./data/``). Train entries
+  have source/image/id/conversations/landmark (README's annotation demo, ``<image>`` after the
+  question); eval entries have image/label/gpt4/landmark (emollava/eval/eval_FABA.py).
+  Returns {split: {id: dict(kind, labels)}}."""
+  truth: dict = {"train": {}, "test": {}}
+  base = os.path.join(data, "FABAInstruct")
+  n = 0
+  for split_dir, split in (("train", "train"), ("eval", "test")):
+    for task in ("au", "emotion"):
+      entries = []
+      for i in range(2):
+        n += 1
+        sha = f"{n:02d}" + "4dfc35e0be3712362e8795bf27fe332cbd809e08a19340d935d4ec"[:54]
+        stem = f"AffectNet/AffectNet_v2/{1190 + n}/{sha}"
+        img = f"FABAInstruct/{split_dir}/images/{stem}.jpg"
+        write_image(os.path.join(data, img), "rgb", seed=800 + n, keep_ext=True)
+        lm = f"FABAInstruct/{split_dir}/landmarks/{stem}.npy"
+        os.makedirs(os.path.dirname(os.path.join(data, lm)), exist_ok=True)
+        np.save(os.path.join(data, lm), np.zeros((68, 2), np.float32))
+        if split == "train":
+          q = ("In this face, what are the discernible action units?\n<image>" if task == "au"
+               else "What is the emotion of this face?\n<image>")
+          a = ("AU4 - Brow Lowerer: the eyebrows are drawn together." if task == "au"
+               else "The person appears calm, a neutral expression.")
+          entries.append({"source": "AffectNet", "image": img, "id": stem, "conversations": [
+              {"from": "human", "value": q}, {"from": "gpt", "value": a}], "landmark": lm})
+          truth[split][stem] = dict(kind="conversation", labels=None)
+        else:
+          label = (FABA_EVAL_AUS[i] if task == "au" else FABA_EVAL_EMOTIONS[i][0])
+          entries.append({"image": img, "label": label, "gpt4": f"Reference answer {n}.",
+                          "landmark": lm})
+          want = (FABA_EVAL_AUS[i] if task == "au" else FABA_EVAL_EMOTIONS[i][1])
+          truth[split][sha] = dict(kind=task, labels=want)   # no id: the image's name
+      os.makedirs(os.path.join(base, split_dir), exist_ok=True)
+      with open(os.path.join(base, split_dir, f"{split_dir}_{task}_anno.json"), "w") as f:
+        json.dump(entries, f, indent=2)
+  return truth
+
+
 # --- examples no fixed max_len fits as they are ------------------------------------------------
 
 # Real-looking long turns (a detailed question, a long description), repeated to length.

@@ -152,3 +152,122 @@ def test_build_dataset_cli_disfa_flags(tmp_path):
                         f"--manual_dir={raw}", f"--image_root={raw}"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode != 0 and "--image_root applies to bp4d, disfa, llava_instruct" in out.stderr
+
+
+# --- LLaVA-format sets -------------------------------------------------------------------------
+
+def _conv(r):
+  return json.loads(r["conversations"].decode())
+
+
+def test_llava_mix665k_layout(tmp_path):
+  data = tmp_path / "playground" / "data"
+  truth = fx.make_llava_mix(str(data))
+  s = builders.build("llava_instruct", str(tmp_path / "tfds"), manual_dir=str(data))
+  assert s["splits"] == {"train": 8}          # no split word in the name: default train
+  assert s["skipped"] == {}
+  assert s["noted"]["train"] == {"text_only": 2, "leading_gpt_turn_dropped": 1,
+                                 "renamed_duplicate_id": 1}
+  assert "llava_v1_5_mix665k.json" in s["noted_first"]["train"]["renamed_duplicate_id"]
+  recs = _read(s, "train")
+  assert set(recs) == set(truth["train"])
+  for rid, kind in truth["train"].items():
+    conv = _conv(recs[rid])
+    n_img = sum(t["value"].count("<image>") for t in conv)
+    assert n_img == (1 if kind == "image" else 0), rid
+    assert conv[0]["from"] == "human"
+  assert [t["value"] for t in _conv(recs["wa12Kx3_4"])] == [
+      "Continue the story in two sentences.", "The ship sailed on. Nobody looked back."]
+  # the duplicate keeps its own conversation under the new id
+  assert "shirt" in _conv(recs["2354786#2"])[0]["value"]
+  # a text-only record carries the blank placeholder image
+  assert np.abs(recs["i6IyJda_0"]["image"].astype(int) - 128).max() <= 2
+
+
+def test_llava_default_split_and_split_words(tmp_path):
+  data = tmp_path / "raw"
+  fx.make_llava_mix(str(data))
+  s = builders.build("llava_instruct", str(tmp_path / "tfds"), manual_dir=str(data),
+                     default_split="test")
+  assert s["splits"] == {"test": 8}
+  from feallm_jax.data.builders import llava_instruct as li
+  assert li.split_of("llava_instruct_150k.json") is None     # 'instruct' is not 'train'
+  assert li.split_of("interval_scores.json") is None          # nor is 'interval' 'val'
+  assert li.split_of("eval/eval_au_anno.json") == "test"
+  assert li.split_of("train/train_au_anno.json") == "train"
+  assert li.split_of("faba_val.jsonl") == "test"
+  with pytest.raises(ValueError, match="default_split"):
+    builders.make_builder("llava_instruct", str(tmp_path / "x"), default_split="a b")
+
+
+def test_faba_instruct_as_shipped(tmp_path):
+  data = tmp_path / "data"
+  truth = fx.make_faba_release(str(data))
+  # manual_dir = the shipped FABAInstruct folder: JSONs in train/ and eval/, image paths
+  # relative to data/ above it
+  s = builders.build("llava_instruct", str(tmp_path / "a"), manual_dir=str(data / "FABAInstruct"))
+  assert s["splits"] == {"train": 4, "test": 4} and s["skipped"] == {}
+  assert s["noted"]["test"] == {"faba_eval_entry": 4}
+  for split in ("train", "test"):
+    recs = _read(s, split)
+    assert set(recs) == set(truth[split])
+    for rid, t in truth[split].items():
+      r, conv = recs[rid], _conv(recs[rid])
+      assert sum(x["value"].count("<image>") for x in conv) == 1
+      if t["kind"] == "emotion":
+        assert conv[0]["value"] == "<image>\nWhat emotions are conveyed by this face?"
+        assert facs.EMOTIONS[int(r["emotion"])] == t["labels"]
+      elif t["kind"] == "au":
+        assert conv[0]["value"] == "<image>\nWhat AUs are conveyed by this face?"
+        named = {int(x) for x in t["labels"].split(", ")}
+        for au in fx_faba_aus():
+          assert r["au_present"][facs.au_index(au)] == int(au in named), (rid, au)
+        assert r["au_present"][facs.au_index(11)] == -1      # not in FABA's AU set
+      else:
+        assert int(r["emotion"]) == -1 and (r["au_present"] == -1).all()
+  # manual_dir = data/: the JSONs are found two folders down
+  s2 = builders.build("llava_instruct", str(tmp_path / "b"), manual_dir=str(data))
+  assert s2["splits"] == {"train": 4, "test": 4} and s2["skipped"] == {}
+  # the JSONs copied elsewhere: every image is missing, unless --image_root names data/
+  flat = tmp_path / "flat"
+  flat.mkdir()
+  for sub in ("train", "eval"):
+    for f in (data / "FABAInstruct" / sub).glob("*.json"):
+      (flat / f.name).write_text(f.read_text())
+  with pytest.raises(ValueError, match="no usable example.*missing"):
+    builders.build("llava_instruct", str(tmp_path / "c"), manual_dir=str(flat))
+  s3 = builders.build("llava_instruct", str(tmp_path / "d"), manual_dir=str(flat),
+                      image_root=str(data))
+  assert s3["splits"] == {"train": 4, "test": 4} and s3["skipped"] == {}
+
+
+def fx_faba_aus():
+  from feallm_jax.data.builders import llava_instruct as li
+  return li.FABA_AUS
+
+
+def test_text_only_rows_train(tmp_path):
+  """Text-only records reach the batch: no <image>, answer tokens supervised, nothing dropped."""
+  from configs import tiny_synthetic
+  from feallm_jax.data import pipeline, tokenizer as T
+  data = tmp_path / "raw"
+  fx.make_llava_mix(str(data))
+  c = tiny_synthetic.get_config()
+  c.model.base_checkpoint = ""
+  c.data.data_dir = str(tmp_path / "tfds")
+  c.data.dataset, c.data.builder_config = "llava_instruct", ""
+  c.data.batch_size = 8
+  builders.build("llava_instruct", c.data.data_dir, manual_dir=str(data))
+  it = pipeline.train_iterator(c)
+  b = next(it)
+  tok = T.load()
+  n_img = (b["input_ids"] == T.image_token_id(tok)).sum(1)
+  assert (b["example_mask"] == 1).all()
+  assert sorted(n_img.tolist()) == [0, 0, 1, 1, 1, 1, 1, 1]   # 2 text-only of 8 records
+  assert (b["loss_mask"].sum(1) > 0).all()
+  assert it.drops.dropped == 0
+  # a text-only row never fills the last slot (the model's expansion drops that token)
+  text_rows = b["attention_mask"][n_img == 0]
+  assert (text_rows[:, -1] == 0).all()
+  rep = pipeline.length_report(c, pipeline.data_source(c, split="train", decode_images=False))
+  assert rep["dropped"] == 0

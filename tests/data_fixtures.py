@@ -133,6 +133,61 @@ def make_affectnet(root: str, *, n_train: int = 8, n_val: int = 4, bad: bool = T
   return truth
 
 
+def affectnet_photo(path: str, box: tuple, seed: int) -> None:
+  """A full AffectNet-style photo: grey scene, the face drawn inside ``box`` = (x, y, w, h),
+  and a bright green decoy square right of it (outside the box's crop)."""
+  x, y, w, h = box
+  img = Image.new("RGB", (320, 240), (90, 90, 90))
+  img.paste(face(seed, size=max(w, h)).resize((w, h)), (x, y))
+  ImageDraw.Draw(img).rectangle([260, 150, 310, 200], fill=(0, 255, 0))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  img.save(path, "JPEG", quality=95)
+
+
+def make_affectnet_csv(root: str, *, validation_header: bool = False) -> dict:
+  """AffectNet's original release: ``Manually_Annotated_file_lists/{training,validation}.csv``
+  (columns subDirectory_filePath, face_x, face_y, face_width, face_height, facial_landmarks
+  'x1;y1;...', expression, valence, arousal) and the photos under
+  ``Manually_Annotated/Manually_Annotated_Images/<dir>/<sha>.jpg``. Sources: the column list in
+  a loader of training.csv (``# subDirectory_filePath face_x face_y face_width face_height
+  facial_landmarks expression valence arousal``, reading it with ``reader.__next__()`` to skip
+  the header and images from ``Manually_Annotated/Manually_Annotated_Images``); landmarks split
+  on ';' as x, y pairs (a noisyFER loader's ``lms_to_np``); an AffectNetDataset loader that reads
+  validation.csv with ``header=None`` and skips a header row only for training.csv, while the
+  hcai_affectnet tfds builder reads both with a header: ``validation_header`` picks one.
+  Includes contempt (7), 'uncertain' (9) and 'non-face' (10) rows and one row whose photo is
+  missing. Returns {split: {id: (emotion index, box centre landmark index)}}."""
+  from feallm_jax.data import facs
+  lists = os.path.join(root, "Manually_Annotated_file_lists")
+  imgs = os.path.join(root, "Manually_Annotated", "Manually_Annotated_Images")
+  os.makedirs(lists, exist_ok=True)
+  header = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
+            "facial_landmarks", "expression", "valence", "arousal"]
+  truth: dict = {"train": {}, "test": {}, "box": (60, 40, 120, 140)}
+  x, y, w, h = truth["box"]
+  # 68 landmarks inside the box; landmark 30 (the nose tip) at the box centre.
+  lm = np.stack([np.linspace(x + 10, x + w - 10, 68), np.linspace(y + 10, y + h - 10, 68)], -1)
+  lm[30] = (x + w / 2, y + h / 2)
+  lm_text = ";".join(f"{v:.2f}" for v in lm.reshape(-1))
+  codes = {"train": [1, 7, 9, 6, 0, 3], "test": [2, 10, 5]}
+  for split, name in (("train", "training.csv"), ("test", "validation.csv")):
+    rows = [header] if split == "train" or validation_header else []
+    for i, code in enumerate(codes[split]):
+      sub = f"{100 + i}"
+      sha = f"{split[:2]}{i:02d}737db2483489148d783ef278f43f486c0a97e140fc4b6b61b84363ca"[:56]
+      rel = f"{sub}/{sha}.jpg"
+      missing = split == "train" and i == 3
+      if not missing:
+        affectnet_photo(os.path.join(imgs, rel), truth["box"], seed=900 + i)
+      rows.append([rel, str(x), str(y), str(w), str(h), lm_text, str(code), "0.5", "-0.2"])
+      rid = f"{split}_{sub}_{sha}"
+      if code <= 7 and not missing:
+        truth[split][rid] = facs.emotion_index(facs.AFFECTNET_8[code])
+    with open(os.path.join(lists, name), "w", newline="") as f:
+      csv.writer(f).writerows(rows)
+  return truth
+
+
 def make_bp4d(root: str, *, frames: int = 3, bad: bool = True, malformed: bool = False) -> dict:
   """BP4D layout: one subject per fold (F001 fold1, M011 fold2, F007 fold3), task T1."""
   from feallm_jax.data import facs

@@ -271,3 +271,41 @@ def test_text_only_rows_train(tmp_path):
   assert (text_rows[:, -1] == 0).all()
   rep = pipeline.length_report(c, pipeline.data_source(c, split="train", decode_images=False))
   assert rep["dropped"] == 0
+
+
+# --- AffectNet original release ----------------------------------------------------------------
+
+@pytest.mark.parametrize("validation_header", [False, True])
+def test_affectnet_original_csv_release(tmp_path, validation_header):
+  truth = fx.make_affectnet_csv(str(tmp_path / "raw"), validation_header=validation_header)
+  s8 = builders.build("affectnet", str(tmp_path / "data"), manual_dir=str(tmp_path / "raw"),
+                      config="8class")
+  assert s8["splits"] == {"train": 4, "test": 2}
+  assert s8["skipped"] == {"train": {"excluded_label": 1, "missing": 1},
+                           "test": {"excluded_label": 1}}
+  assert "training.csv:4" in s8["skipped_first"]["train"]["excluded_label"]  # the '9' row
+  for split in ("train", "test"):
+    recs = _read(s8, split)
+    assert {k: int(r["emotion"]) for k, r in recs.items()} == truth[split]
+    for r in recs.values():
+      img = np.asarray(r["image"]).astype(int)
+      # cropped with the CSV's box: square, the face inside, the green decoy outside
+      assert abs(img.shape[0] - img.shape[1]) <= 1
+      green = (img[..., 1] > 200) & (img[..., 0] < 60) & (img[..., 2] < 60)
+      assert green.mean() < 0.001
+      assert r["has_landmarks"]
+      np.testing.assert_allclose(r["landmarks"][30], [0.5, 0.5], atol=0.01)  # box centre
+  s7 = builders.build("affectnet", str(tmp_path / "data"), manual_dir=str(tmp_path / "raw"),
+                      config="7class")
+  assert s7["splits"]["train"] == 3            # contempt (7) excluded too
+  assert s7["skipped"]["train"]["excluded_label"] == 2
+
+
+def test_affectnet_csv_bad_row_names_file_and_line(tmp_path):
+  fx.make_affectnet_csv(str(tmp_path / "raw"))
+  path = tmp_path / "raw" / "Manually_Annotated_file_lists" / "validation.csv"
+  lines = path.read_text().splitlines()
+  lines[1] = lines[1].replace(";", ";;x;", 1)
+  path.write_text("\n".join(lines) + "\n")
+  with pytest.raises(common.LabelFileError, match=r"validation\.csv:2: bad row"):
+    builders.build("affectnet", str(tmp_path / "data"), manual_dir=str(tmp_path / "raw"))

@@ -187,22 +187,37 @@ def encode_jpeg(img: Image.Image) -> bytes:
 
 
 def load_face(source, rid: str, *, detect: bool = False,
-              landmarks_px: np.ndarray | None = None):
+              landmarks_px: np.ndarray | None = None, box_px=None):
   """Read, optionally face-crop, normalize and encode one image.
 
   Returns (jpeg bytes, landmarks normalized to the output image or None). `landmarks_px` are
-  pixel coordinates in the source image. With detect=True the face is found with
-  regions.detect_face and cropped (raw photos and video frames); no face -> SkipImage.
+  pixel coordinates in the source image. `box_px` = (x0, y0, x1, y1) pixels: the dataset's own
+  face box (AffectNet's CSV, RAF-DB's *_boundingbox.txt), cropped like a detected face. With
+  detect=True (and no box) the face is found with regions.detect_face and cropped (raw photos
+  and video frames); no face -> SkipImage.
   """
   img = open_image(source, rid)
   lm = None if landmarks_px is None else np.asarray(landmarks_px, np.float64).reshape(-1, 2)
-  if detect:
+  box = None
+  if box_px is not None:
+    x0, y0, x1, y1 = (float(v) for v in box_px)
+    W, H = img.size
+    x0, x1 = max(x0, 0.0), min(x1, float(W))
+    y0, y1 = max(y0, 0.0), min(y1, float(H))
+    if not (x1 - x0 >= 2 and y1 - y0 >= 2):
+      raise SkipImage(f"{rid}: face box {list(box_px)} is empty inside the {W}x{H} image",
+                      reason="bad_face_box")
+    box = np.array([y0 / H, x0 / W, y1 / H, x1 / W])
+  elif detect:
     from feallm_jax.data import regions  # lazy: pulls in cv2 cascades
-    arr = np.asarray(img)
     try:
-      box = regions.detect_face(arr, str(source) if not isinstance(source, bytes) else rid)
+      box = regions.detect_face(np.asarray(img),
+                                str(source) if not isinstance(source, bytes) else rid)
     except regions.NoFaceError as e:
       raise SkipImage(f"{rid}: no face found ({e})") from e
+  if box is not None:
+    from feallm_jax.data import regions
+    arr = np.asarray(img)
     cropped = np.asarray(regions.crop_face(arr, box))
     if lm is not None:
       lm = lm - np.asarray(_crop_origin(box, *arr.shape[:2]))

@@ -218,6 +218,60 @@ def make_bp4d(root: str, *, frames: int = 3, bad: bool = True, malformed: bool =
   return truth
 
 
+def make_bp4d_release(root: str, layout: str = "me_graphau", frames: int = 5) -> dict:
+  """BP4D as released plus frames where a tool keeps them.
+
+  ``AUCoding/AU_OCC/<subject>_<task>.csv``: header of integers, '0' the frame column and one
+  column per AU number (ME-GraphAU tool/BP4D_image_label_process.py reads it with
+  ``label_folder = "../data/BP4D/AUCoding/AU_OCC"``, ``pd.read_csv(..., header=0, index_col=0,
+  usecols=["0", "1", "2", "4", "6", "7", "10", "12", "14", "15", "17", "23", "24"])``), then one
+  row per coded frame, 0/1 per AU, 9 = not coded; the LAST column is the occlusion flag
+  (OpenFace model_training/AU_training/data extraction/extract_BP4D_labels.m: ``occlusions =
+  OCC(2:end,end)``). Neither source shows how many AU columns the real files have: 1..27 plus
+  the flag here. Frames (named by the CSV frame number, from 2440 as in ME-GraphAU's sample
+  data/BP4D/img/F001/T1/2440.jpg):
+    "me_graphau": ``img/F001/T1/2440.jpg`` (ME-GraphAU tool/README.md)
+    "jaanet":     ``BP4D/F001/T1/2440.jpg`` (PyTorch-JAANet data/imgs/BP4D/F001/T1/2440.jpg);
+                  read with image_root=<root>/BP4D
+  Per subject: frame 2441 is occluded, frame 2442 has AU4 = 2 (a bad value), AU2 is 9 in every
+  frame. Returns {"labels": {id: au_present}, "folds": {id: split}, "occluded": [ids],
+  "bad": [(csv name, line)]}.
+  """
+  from feallm_jax.data import facs
+  aus = list(range(1, 28))
+  occ = os.path.join(root, "AUCoding", "AU_OCC")
+  os.makedirs(occ, exist_ok=True)
+  out: dict = {"labels": {}, "folds": {}, "occluded": [], "bad": []}
+  for k, subj in enumerate(("F001", "M011", "F007")):
+    rows = [["0"] + [str(a) for a in aus] + [str(len(aus) + 1)]]
+    for i in range(frames):
+      frame = 2440 + i
+      vals = [(a + i + k) % 2 for a in aus]
+      vals[aus.index(2)] = 9
+      occluded = int(i == 1)
+      if i == 2:
+        vals[aus.index(4)] = 2
+        out["bad"].append((f"{subj}_T1.csv", len(rows) + 1))
+      rows.append([str(frame)] + [str(v) for v in vals] + [str(occluded)])
+      sub = "img" if layout == "me_graphau" else "BP4D"
+      write_image(os.path.join(root, sub, subj, "T1", f"{frame}.jpg"), "rgb",
+                  seed=1000 + 10 * k + i, keep_ext=True)
+      if i == 2:
+        continue
+      rid = f"{subj}_T1_{frame:04d}"
+      pres = np.full(len(facs.ALL_AUS), -1, np.int32)
+      for a, v in zip(aus, vals):
+        if a in facs.BP4D_AUS and v != 9:
+          pres[facs.au_index(a)] = v
+      out["labels"][rid] = pres
+      out["folds"][rid] = f"fold{k + 1}"
+      if occluded:
+        out["occluded"].append(rid)
+    with open(os.path.join(occ, f"{subj}_T1.csv"), "w", newline="") as f:
+      csv.writer(f).writerows(rows)
+  return out
+
+
 def make_disfa(root: str, *, frames: int = 3, bad: bool = True, malformed: bool = False) -> dict:
   """DISFA layout of the builder's instructions: ``ActionUnit_Labels/SN001/SN001_au<N>.txt``
   (``<frame>,<intensity>`` from frame 1, as released) and ``Images/SN001/<n>.png`` numbered from

@@ -309,3 +309,30 @@ def test_affectnet_csv_bad_row_names_file_and_line(tmp_path):
   path.write_text("\n".join(lines) + "\n")
   with pytest.raises(common.LabelFileError, match=r"validation\.csv:2: bad row"):
     builders.build("affectnet", str(tmp_path / "data"), manual_dir=str(tmp_path / "raw"))
+
+
+# --- BP4D ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["me_graphau", "jaanet"])
+def test_bp4d_release_occlusion_and_bad_values(tmp_path, layout):
+  raw = tmp_path / "raw"
+  truth = fx.make_bp4d_release(str(raw), layout)
+  kw = dict(image_root=str(raw / "BP4D")) if layout == "jaanet" else {}
+  s = builders.build("bp4d", str(tmp_path / "keep"), manual_dir=str(raw), config="cropped", **kw)
+  # a bad value skips its row only, counted with file and line; occluded frames kept, counted
+  assert s["splits"] == {"fold1": 4, "fold2": 4, "fold3": 4}
+  assert s["skipped"] == {f"fold{k}": {"bad_label_value": 1} for k in (1, 2, 3)}
+  name, line = truth["bad"][0]
+  assert s["skipped_first"]["fold1"]["bad_label_value"].endswith(
+      f"{name}:{line}: AU4 value '2' not 0, 1 or 9")
+  assert s["noted"] == {f"fold{k}": {"occluded_kept": 1} for k in (1, 2, 3)}
+  for k in (1, 2, 3):
+    for rid, r in _read(s, f"fold{k}").items():
+      assert truth["folds"][rid] == f"fold{k}"
+      np.testing.assert_array_equal(r["au_present"], truth["labels"][rid])
+  # OpenFace's reading: occluded frames left out, and counted
+  s2 = builders.build("bp4d", str(tmp_path / "skip"), manual_dir=str(raw), config="cropped",
+                      overrides=dict(skip_occluded=True), **kw)
+  assert s2["splits"] == {"fold1": 3, "fold2": 3, "fold3": 3}
+  assert s2["skipped"]["fold2"] == {"bad_label_value": 1, "occluded": 1}
+  assert not set(_read(s2, "fold1")) & set(truth["occluded"])

@@ -111,6 +111,51 @@ def make_raf_db(root: str, *, n_train: int = 6, n_test: int = 3, bad: bool = Tru
   return truth
 
 
+RAF_LABELLED_BG = (200, 40, 200)    # background of the labelled face in make_raf_db_original
+
+
+def make_raf_db_original(root: str, n: int = 3) -> dict:
+  """RAF-DB basic, config 'original': group photos ``Image/original/<name>.jpg`` with the
+  release's face boxes ``Annotation/boundingbox/<name>_boundingbox.txt`` ("x0 y0 x1 y1", one
+  line) next to ``EmoLabel/list_patition_label.txt`` (Self-Cure-Network src/train.py reads
+  ``EmoLabel/list_patition_label.txt`` and ``Image/aligned/<name>_aligned.jpg`` under
+  ``datasets/raf-basic/``; public RAF-DB loaders read the box as four numbers with
+  ``np.loadtxt(dataPath_prefix + '/RAF/basic/Annotation/boundingbox/' + name[:-4] +
+  '_boundingbox.txt')`` and ``x_min, y_min, x_max, y_max = f.readline().strip().split()``).
+  Each photo is a group: scikit-image's astronaut.png (a real face the Haar cascade finds) and,
+  right of it, the labelled person (a face turned sideways on a magenta background, which no
+  cascade finds), whose box the file gives. The last train photo has no box file: the
+  detector then crops the astronaut. Returns {split: {id: emotion index}}, "no_box": [ids]."""
+  import skimage
+  astro = Image.open(os.path.join(os.path.dirname(skimage.__file__), "data",
+                                  "astronaut.png")).convert("RGB")
+  truth: dict = {"train": {}, "test": {}, "no_box": []}
+  lines = []
+  for split, count in (("train", n), ("test", 2)):
+    for i in range(count):
+      name = f"{split}_{i + 1:05d}"
+      label = (i + (split == "test")) % 7 + 1
+      img = Image.new("RGB", (700, 512), (90, 90, 90))
+      img.paste(astro, (0, 0))
+      img.paste(face(1100 + i, size=100, bg=RAF_LABELLED_BG).rotate(90), (560, 200))
+      path = os.path.join(root, "Image", "original", f"{name}.jpg")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      img.save(path, "JPEG", quality=95)
+      box_dir = os.path.join(root, "Annotation", "boundingbox")
+      os.makedirs(box_dir, exist_ok=True)
+      if split == "train" and i == count - 1:
+        truth["no_box"].append(name)
+      else:
+        with open(os.path.join(box_dir, f"{name}_boundingbox.txt"), "w") as f:
+          f.write("560.0 200.0 660.0 300.0\n")
+      truth[split][name] = label - 1
+      lines.append(f"{name}.jpg {label}")
+  os.makedirs(os.path.join(root, "EmoLabel"), exist_ok=True)
+  with open(os.path.join(root, "EmoLabel", "list_patition_label.txt"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return truth
+
+
 def make_affectnet(root: str, *, n_train: int = 8, n_val: int = 4, bad: bool = True) -> dict:
   """AffectNet npy layout; includes contempt (7) and an excluded 'uncertain' (9) label."""
   from feallm_jax.data import facs

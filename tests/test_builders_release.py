@@ -336,3 +336,35 @@ def test_bp4d_release_occlusion_and_bad_values(tmp_path, layout):
   assert s2["splits"] == {"fold1": 3, "fold2": 3, "fold3": 3}
   assert s2["skipped"]["fold2"] == {"bad_label_value": 1, "occluded": 1}
   assert not set(_read(s2, "fold1")) & set(truth["occluded"])
+
+
+# --- RAF-DB original photos --------------------------------------------------------------------
+
+def test_raf_db_original_uses_the_official_face_box(tmp_path):
+  truth = fx.make_raf_db_original(str(tmp_path / "raw"))
+  s = builders.build("raf_db", str(tmp_path / "data"), manual_dir=str(tmp_path / "raw"),
+                     config="original")
+  assert s["splits"] == {"train": 3, "test": 2} and s["skipped"] == {}
+  assert s["noted"] == {"train": {"detected_face": 1, "official_box": 2},
+                        "test": {"official_box": 2}}
+  for split in ("train", "test"):
+    recs = _read(s, split)
+    assert {k: int(r["emotion"]) for k, r in recs.items()} == truth[split]
+    for rid, r in recs.items():
+      img = np.asarray(r["image"]).astype(int)
+      near = lambda c: (np.abs(img - np.asarray(c)).sum(-1) < 60).mean()  # noqa: E731
+      if rid in truth["no_box"]:
+        # what the builder did for every photo before: the face the cascade finds, the
+        # astronaut, not the labelled person
+        assert near(fx.RAF_LABELLED_BG) < 0.001
+      else:
+        assert near(fx.RAF_LABELLED_BG) > 0.1     # the labelled person's face and background
+
+
+def test_raf_db_bad_box_names_file(tmp_path):
+  fx.make_raf_db_original(str(tmp_path / "raw"))
+  (tmp_path / "raw" / "Annotation" / "boundingbox" / "test_00002_boundingbox.txt").write_text(
+      "10 20 5\n")
+  with pytest.raises(common.LabelFileError, match=r"test_00002_boundingbox\.txt:1: expected "):
+    builders.build("raf_db", str(tmp_path / "data"), manual_dir=str(tmp_path / "raw"),
+                   config="original")

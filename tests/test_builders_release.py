@@ -368,3 +368,73 @@ def test_raf_db_bad_box_names_file(tmp_path):
   with pytest.raises(common.LabelFileError, match=r"test_00002_boundingbox\.txt:1: expected "):
     builders.build("raf_db", str(tmp_path / "data"), manual_dir=str(tmp_path / "raw"),
                    config="original")
+
+
+# --- fold naming and the 3-fold mean ----------------------------------------------------------
+
+def test_fold_aliases_follow_me_graphau():
+  """ME-GraphAU tool/BP4D_image_label_process.py: '# fold1: train : part1+part2 test: part3',
+  fold2 tests on part2, fold3 on part1; our fold<k> is part k."""
+  r = builders.resolve_split
+  assert r("bp4d", "test_fold1") == "fold3" and r("bp4d", "train_fold1") == "fold1+fold2"
+  assert r("disfa", "test_fold2") == "fold2" and r("disfa", "train_fold2") == "fold1+fold3"
+  assert r("disfa", "test_fold3") == "fold1" and r("bp4d", "train_fold3") == "fold2+fold3"
+  assert r("bp4d", "part2") == "fold2" and r("bp4d", "fold1+fold2+fold3") == "fold1+fold2+fold3"
+  assert r("bp4d", "test_fold1[:10]") == "fold3[:10]"
+  assert r("raf_db", "test_fold1") == "test_fold1"      # other datasets untouched
+  # the parts are ME-GraphAU's lists, in its order
+  assert common.BP4D_FOLDS[2][:3] == ("F007", "F015", "F006")
+  assert common.DISFA_FOLDS[0][:3] == ("SN002", "SN010", "SN001")
+
+
+def test_bp4d_reads_back_under_published_split_names(tmp_path):
+  from configs import tiny_synthetic
+  from feallm_jax.data import pipeline
+  raw = tmp_path / "raw"
+  fx.make_bp4d_release(str(raw))
+  c = tiny_synthetic.get_config()
+  c.data.data_dir = str(tmp_path / "tfds")
+  c.data.dataset, c.data.builder_config = "bp4d", "cropped"
+  builders.build("bp4d", c.data.data_dir, manual_dir=str(raw), config="cropped")
+  test1 = pipeline.data_source(c, split="test_fold1")        # = part 3: F007
+  assert {src["subject"].decode() for src in (test1[i] for i in range(len(test1)))} == {"F007"}
+  assert len(pipeline.data_source(c, split="train_fold1")) == 8   # parts 1+2
+
+
+def test_au_metrics_report_the_three_fold_mean():
+  """au_mean_f1 of a BP4D suite = mean over test folds of each fold's mean F1 (checked against
+  sklearn's f1_score per fold and AU); the pooled F1 is kept beside it."""
+  from sklearn.metrics import f1_score
+  from feallm_jax.eval import feabench
+  rng = np.random.default_rng(0)
+  au_set = facs.BP4D_AUS
+  subjects = {"fold1": ["F001", "M007"], "fold2": ["M011"], "fold3": ["F007", "F015"]}
+  sizes = {"fold1": 30, "fold2": 8, "fold3": 50}      # unequal: mean of folds != pooled
+  records, want = [], {}
+  for fold, subs in subjects.items():
+    t = rng.integers(0, 2, (sizes[fold], len(au_set)))
+    p = np.where(rng.random(t.shape) < (0.9 if fold == "fold2" else 0.6), t, 1 - t)
+    per = [f1_score(t[:, j], p[:, j], zero_division=0) for j in range(len(au_set))]
+    want[fold] = float(np.mean(per))
+    for i in range(len(t)):
+      records.append(dict(id=f"{subs[i % len(subs)]}_T1_{i:04d}", task="aur", prompt="",
+                          reference="", prediction="",
+                          aus_true=[a for a, v in zip(au_set, t[i]) if v],
+                          au_annotation=t[i].tolist(),
+                          aus_pred=[a for a, v in zip(au_set, p[i]) if v]))
+  res = feabench.suite_metrics(records, feabench.SUITES["bp4d"], "generate")
+  am = res["tasks"]["aur"]["aus"]
+  for fold in subjects:
+    assert am["folds"][fold]["mean_f1"] == pytest.approx(want[fold], abs=1e-12)
+  assert am["mean_f1"] == pytest.approx(np.mean(list(want.values())), abs=1e-12)
+  assert res["summary"]["aur"]["au_mean_f1"] == am["mean_f1"]
+  t_all = np.asarray([r["au_annotation"] for r in records])
+  p_all = np.stack([metrics_vec(r["aus_pred"], au_set) for r in records])
+  pooled = np.mean([f1_score(t_all[:, j], p_all[:, j], zero_division=0)
+                    for j in range(len(au_set))])
+  assert res["summary"]["aur"]["au_mean_f1_pooled"] == pytest.approx(pooled, abs=1e-12)
+  assert abs(pooled - am["mean_f1"]) > 1e-3
+
+
+def metrics_vec(aus, au_set):
+  return np.array([1 if a in set(aus) else 0 for a in au_set])

@@ -75,6 +75,7 @@ def data_source(config, dataset: str | None = None, split: str = "train", *,
     log.info("building %s/%s under %s (first use)", name, cfg, d.data_dir)
     builders.build(name, d.data_dir, config=cfg)
     b = builders.make_builder(name, d.data_dir, config=cfg)
+  split = builders.resolve_split(name, split)   # bp4d/disfa: test_fold1 -> fold3, ...
   if decode_images:
     return b.as_data_source(split=split)
   import tensorflow_datasets as tfds

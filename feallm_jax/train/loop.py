@@ -185,6 +185,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   mesh = sharding.make_mesh(dict(config.mesh))
   model = feallm.build_model(config, mesh)
+  if config.model.get("init_adapter", ""):
+    from feallm_jax.pretrain import align   # LCA + projector from adapter alignment
+    with sharding.mesh_rules(mesh):
+      align.restore_into(str(config.model.init_adapter), model, config)
   overview = feallm.parameter_overview(model, config)
   trainable = feallm.trainable_filter(config)
   trainer = step_lib.Trainer(config, model, mesh, loss_fn=feallm.loss_fn, trainable=trainable)

@@ -168,7 +168,6 @@ def test_llava_instruct(tmp_path):
       assert int(r["emotion"]) == -1
 
 
-@pytest.mark.xfail(strict=True, reason='known failure after the issue-13/15/17 merges (RngCount trace level / fixture line); issue 15 stays open')
 def test_llava_malformed_entry_names_line(tmp_path):
   fx.make_llava(str(tmp_path / "raw"), malformed=True)   # entry 2's turn 1 is from "human"
   path = tmp_path / "raw" / "faba_train.json"
@@ -177,7 +176,7 @@ def test_llava_malformed_entry_names_line(tmp_path):
   assert len(starts) >= 3
   line = starts[2]
   with pytest.raises(common.LabelFileError,
-                     match=rf"faba_train\.json:{line}: turn 1 is from") as err:
+                     match=rf"faba_train\.json:{line}: entry 2: turn 1 is from") as err:
     builders.build("llava_instruct", str(tmp_path / "data"), manual_dir=str(tmp_path / "raw"))
   assert err.value.line == line
 

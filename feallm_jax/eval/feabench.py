@@ -3,7 +3,9 @@
 Suites (``SUITES``): ``synthetic_fea`` (test split, all four tasks; builds itself on first use)
 is the embedded default; ``raf_db`` (7-way FER), ``affectnet_7`` / ``affectnet_8`` (FER),
 ``bp4d`` (12-AU F1) and ``disfa`` (8-AU F1) read the tfds builders under
-``config.data.data_dir`` zero-shot. A suite whose data is not built fails with the builder name
+``config.data.data_dir`` zero-shot. For bp4d / disfa the headline ``au_mean_f1`` is the
+published protocol's 3-fold mean (F1 per subject part, averaged; ``au_mean_f1_pooled`` is
+the F1 over all records, ``folds`` each part's own numbers). A suite whose data is not built fails with the builder name
 and the command that builds it.
 
 Modes:
@@ -268,6 +270,10 @@ def suite_metrics(records: Sequence[Mapping[str, Any]], suite: Suite, mode: str)
       else:
         am = metrics.au_f1(np.zeros((0, len(au_set))), np.zeros((0, len(au_set))), au_set)
       am["unparsed"] = sum(r["aus_pred"] is None for r in judged)
+      folds = fold_au_f1(judged, au_set, suite.dataset)
+      if folds:
+        am = three_fold_mean(am, folds)
+        summ.update(au_mean_f1_pooled=am["pooled_mean_f1"])
       per["aus"] = am
       summ.update(au_mean_f1=am["mean_f1"], aus_unparsed=am["unparsed"])
     if task == "reasoning":
@@ -285,6 +291,47 @@ def suite_metrics(records: Sequence[Mapping[str, Any]], suite: Suite, mode: str)
   return dict(dataset=suite.dataset, split=suite.split, mode=mode,
               num_samples=len(records), num_unanswerable=sum(unfit.values()),
               unanswerable=unfit, tasks=tasks, summary=summary)
+
+
+def fold_au_f1(judged: Sequence[Mapping[str, Any]], au_set, dataset: str) -> dict[str, dict]:
+  """Per-fold AU F1 of a BP4D / DISFA suite: {'fold<k>': au_f1 over the records of subject
+  part k} (the part is read from the record id's subject, ``F001_T1_2440`` / ``SN001_00001``).
+  Empty for other datasets."""
+  from feallm_jax.data import builders
+  from feallm_jax.data.builders import common
+  name = dataset.split("/")[0]
+  if name not in builders.FOLD_DATASETS or not judged:
+    return {}
+  parts = common.BP4D_FOLDS if name == "bp4d" else common.DISFA_FOLDS
+  by: dict[str, list] = {}
+  for r in judged:
+    k = common.fold_of(str(r["id"]).split("_")[0].upper(), parts)
+    if k is not None:
+      by.setdefault(f"fold{k + 1}", []).append(r)
+  out = {}
+  for f in sorted(by):
+    rows = by[f]
+    t = np.asarray([r["au_annotation"] for r in rows], np.int64)
+    p = np.stack([metrics.aus_to_vector(r["aus_pred"], au_set) for r in rows])
+    out[f] = metrics.au_f1(t, p, au_set)
+  return out
+
+
+def three_fold_mean(pooled: dict, folds: dict[str, dict]) -> dict:
+  """The published BP4D / DISFA number: F1 per test fold, averaged over the folds (JAA-Net,
+  ME-GraphAU; EmoLA llava/eval/calculate_threefolds_AU.py: per-AU mean over folds, then the
+  mean). ``mean_f1`` / ``per_au_f1`` become those means; the F1 over all records pooled stays as
+  ``pooled_mean_f1`` / ``pooled_per_au_f1``; ``folds`` holds each fold's own numbers."""
+  out = dict(pooled)
+  aus = list(pooled["per_au_f1"])
+  out["pooled_mean_f1"], out["pooled_per_au_f1"] = pooled["mean_f1"], pooled["per_au_f1"]
+  out["per_au_f1"] = {a: float(np.mean([f["per_au_f1"][a] for f in folds.values()]))
+                      for a in aus}
+  out["mean_f1"] = float(np.mean([f["mean_f1"] for f in folds.values()]))
+  out["folds"] = {k: dict(mean_f1=f["mean_f1"], per_au_f1=f["per_au_f1"],
+                          num_samples=f["num_samples"]) for k, f in folds.items()}
+  out["fold_mean_over"] = sorted(folds)
+  return out
 
 
 # --- what an evaluation is --------------------------------------------------------------------

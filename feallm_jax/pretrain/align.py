@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from feallm_jax import sharding
-from feallm_jax.data import pipeline, tokenizer as tok_lib
+from feallm_jax.data import pipeline
 from feallm_jax.models import feallm, layers
 from feallm_jax.pretrain import captions, faces
 

@@ -30,9 +30,10 @@ from feallm_jax.pretrain import captions, faces
 
 PROMPTS = ("Describe this face.", "What does this face look like?",
            "Describe the person's expression and appearance.", "Write a caption for this face.")
-# Model settings an adapter depends on: stage 1 must match them to start from it.
-MODEL_KEYS = ("vision", "llm", "feature_layer", "multi_layers", "local_clues", "projector",
-              "projector_heads", "lca")
+# Model settings an adapter depends on: stage 1 must match them to start from it (the towers
+# are pinned by the base checkpoint's fingerprint, their dims come from it).
+MODEL_KEYS = ("feature_layer", "multi_layers", "local_clues", "projector", "projector_heads",
+              "lca")
 
 
 def adapter_filter():

@@ -192,7 +192,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   overview = feallm.parameter_overview(model, config)
   trainable = feallm.trainable_filter(config)
   trainer = step_lib.Trainer(config, model, mesh, loss_fn=feallm.loss_fn, trainable=trainable)
-  del model  # its trainable buffers now belong to the train state (donated each step)
+  del model  # the train state holds its own copy of the trainable weights: free this one
   has_frozen = bool(jax.tree.leaves(trainer.frozen))
   fingerprint = base_fingerprint(config, has_frozen=has_frozen)
   # 2. Full check (base fingerprint, trainable shapes) still before anything is written.

@@ -347,12 +347,19 @@ def load_model(config, workdir: str, checkpoint: int | str | None = None, mesh=N
 def evaluate(config, workdir: str, checkpoint: int | str | None = None,
              suites: Sequence[str] | str | None = None, mode: str | None = None, *,
              out_dir: str | None = None, progress: bool = True,
-             tasks: Sequence[str] | None = None) -> dict:
+             tasks: Sequence[str] | None = None, model=None) -> dict:
   """Restores ``workdir``'s checkpoint (latest unless given) and evaluates it.
 
-  Outputs go to ``out_dir`` (default ``<workdir>/eval/step_<step>``).
+  Outputs go to ``out_dir`` (default ``<workdir>/eval/step_<step>``). ``model`` (the training
+  loop's live state, ``Trainer.merge``) is evaluated as step ``checkpoint`` instead of restoring
+  it: nothing is rebuilt and the base weights are not read again.
   """
-  model, step = load_model(config, workdir, checkpoint)
+  if model is None:
+    model, step = load_model(config, workdir, checkpoint)
+  elif isinstance(checkpoint, (int, np.integer)) or str(checkpoint).isdigit():
+    step = int(checkpoint)
+  else:
+    raise ValueError(f"evaluate(model=...): checkpoint must be the model's step, got {checkpoint!r}")
   out_dir = out_dir or os.path.join(workdir, "eval", f"step_{step}")
   return evaluate_model(model, config, suites, mode, out_dir, progress=progress,
                         meta=dict(step=step, workdir=os.path.abspath(workdir)), tasks=tasks)

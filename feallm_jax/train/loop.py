@@ -122,7 +122,14 @@ def _sync_flag(flag: bool) -> bool:
 
 # -- evaluation -------------------------------------------------------------------------------
 
-def _evaluate(config, workdir: str, step: int, logger: metrics_log.MetricsLogger):
+def _evaluate(config, workdir: str, step: int, logger: metrics_log.MetricsLogger, *, model):
+  """Evaluates the live ``model`` (``Trainer.merge`` of the train state) as step ``step``.
+
+  The model holds the trainer's own buffers (trainable + frozen, merged once per evaluation):
+  nothing is rebuilt and the base weights are not read again, so at 7B no second copy of the
+  frozen towers is allocated. ``feabench.evaluate(config, workdir, checkpoint=step)`` gives the
+  same numbers offline from the step's checkpoint.
+  """
   suites = tuple(config.eval.get("suites", ()) or ())
   if not suites:
     return None
@@ -132,7 +139,7 @@ def _evaluate(config, workdir: str, step: int, logger: metrics_log.MetricsLogger
     log.warning("evaluation skipped at step %d: feallm_jax.eval.feabench unavailable (%s)", step, e)
     return None
   results = feabench.evaluate(config, workdir, checkpoint=step, suites=suites,
-                              mode=config.eval.get("mode", "generate"))
+                              mode=config.eval.get("mode", "generate"), model=model)
   flat = {}
 
   def walk(prefix, x):
@@ -197,7 +204,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     return summary
   if config.train.get("final_eval", True) and config.eval.get("suites", ()):
     summary["eval"] = _evaluate(config, workdir, summary["final_step"],
-                                metrics_log.MetricsLogger(workdir, total_steps=0, progress=False))
+                                metrics_log.MetricsLogger(workdir, total_steps=0, progress=False),
+                                model=trainer.merge(summary["state"]))
   return summary
 
 
@@ -277,8 +285,8 @@ def _run(config, workdir, trainer, state, start, data_iter, ckpt, logger) -> dic
       if eval_every > 0 and step % eval_every == 0 and step < num_steps:
         flush_logs()
         save(step)
-        ckpt.wait()
-        _evaluate(config, workdir, step, logger)
+        # The live state, not the checkpoint: the async save above overlaps the evaluation.
+        _evaluate(config, workdir, step, logger, model=trainer.merge(state))
     flush_logs()
     if lagged is not None:
       check_streak(lagged)

@@ -73,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 10
   t.save_every = 500
   t.keep = 3
+  # Multi-host SIGTERM: JAX's preemption service agrees on the stop step (no per-step collective);
+  # only when it is disabled is the flag all-gathered, every this many steps.
+  t.preemption_check_every = 10
   c.eval.suites = ("raf_db", "affectnet", "bp4d", "disfa")
   c.eval.num_samples = 0      # whole splits
   # train_and_evaluate refuses to start (clear error) while the placeholders above are unset.

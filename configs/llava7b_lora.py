@@ -20,7 +20,9 @@ Check a mesh before queueing for it: ``python launch/aot_compile.py --config=con
 
 import ml_collections
 
-from configs import tiny_synthetic
+from feallm_jax import config_files
+
+tiny_synthetic = config_files.sibling(__file__, "tiny_synthetic")
 
 
 def get_config() -> ml_collections.ConfigDict:

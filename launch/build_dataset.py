@@ -6,14 +6,10 @@
 """
 import json
 import logging
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from feallm_jax.data import builders  # noqa: E402
+from feallm_jax.data import builders
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Dataset to build.")

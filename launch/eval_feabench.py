@@ -10,13 +10,10 @@ predictions_<suite>.jsonl and confusion_<suite>_<task>.png to --out_dir (default
 ``--config.eval.max_new_tokens=64``.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=False)
 flags.DEFINE_string("workdir", None, "The training run's workdir.")

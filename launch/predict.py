@@ -13,10 +13,8 @@ or a photo with no face, exits non-zero with a message before any model is loade
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Optional configs/*.py (default: the run's).",
                                 lock_config=False)

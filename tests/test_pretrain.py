@@ -4,7 +4,6 @@ stage 1 loads through `model.base_checkpoint`, and the shipped base checkpoint i
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

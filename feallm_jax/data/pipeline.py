@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import math
-import os
 import sys
 import threading
 from typing import Any, Iterator, Sequence

@@ -71,7 +71,7 @@ COLUMNS: tuple[tuple[str, str, bool], ...] = (
 
 def markdown(results: Mapping[str, Any]) -> str:
   """One table row per (suite, task) with the headline metrics (percent where a rate)."""
-  lines = [f"# FEABench results", ""]
+  lines = ["# FEABench results", ""]
   meta = results.get("meta", {})
   if meta:
     lines += [", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))),

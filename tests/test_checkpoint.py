@@ -120,6 +120,8 @@ def test_wrong_config_or_base_is_refused_before_writing(run):
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="fingerprint"):
     ckpt_lib.check_workdir(config, workdir, base_fingerprint="fp-B")
   assert ckpt_lib.check_workdir(config, workdir, base_fingerprint="fp-A") == 2
+  # The cheap first check (architecture only, before the base is known) passes a resume.
+  assert ckpt_lib.check_workdir(config, workdir) == 2
   assert sorted(os.listdir(workdir)) == before                 # no metrics/tb files created
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ckpt_dir_before
   # Runtime-only keys (remat, compute dtype) may change on resume.

@@ -228,15 +228,17 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return dict(out["config"])
 
-  def check_compatible(self, meta: Mapping[str, Any], trainable_shapes: Mapping | None = None):
-    """Raises :class:`CheckpointMismatchError` when ``meta`` cannot continue under this config."""
+  def check_compatible(self, meta: Mapping[str, Any], trainable_shapes: Mapping | None = None,
+                       *, check_base: bool = True):
+    """Raises :class:`CheckpointMismatchError` when ``meta`` cannot continue under this config
+    (``check_base=False``: the architecture only, before the base fingerprint is known)."""
     diffs = _diff(meta.get("model_signature", {}), model_signature(self.config))
     if diffs:
       raise CheckpointMismatchError(
           f"{self.directory} holds checkpoints of a different model config; refusing to "
           "overwrite them. Use a new --workdir (or restore the original config). Differences:\n  "
           + "\n  ".join(diffs[:20]))
-    if meta.get("base_fingerprint", "") != self.base_fingerprint:
+    if check_base and meta.get("base_fingerprint", "") != self.base_fingerprint:
       raise CheckpointMismatchError(
           f"{self.directory}: the run started from frozen base weights with fingerprint "
           f"{meta.get('base_fingerprint')!r}, but this config's base weights have fingerprint "
@@ -342,21 +344,23 @@ class Checkpointer:
     self.manager.close()
 
 
-def check_workdir(config, workdir: str, base_fingerprint: str = "") -> int | None:
+def check_workdir(config, workdir: str, base_fingerprint: str | None = None) -> int | None:
   """Refuses (before anything is written) a workdir whose checkpoints are of another config.
 
-  Returns the newest readable checkpoint step, or None for a fresh workdir.
+  ``base_fingerprint=None`` checks the architecture only (the cheap check before the model is
+  built; the frozen weights' fingerprint is not known yet). Returns the newest readable
+  checkpoint step, or None for a fresh workdir.
   """
   directory = epath.Path(workdir) / "checkpoints"
   if not directory.exists():
     return None
-  ckpt = Checkpointer(workdir, config, base_fingerprint=base_fingerprint, read_only=True)
+  ckpt = Checkpointer(workdir, config, base_fingerprint=base_fingerprint or "", read_only=True)
   try:
     found = ckpt.newest_readable_meta()
     if found is None:
       return None
     step, meta = found
-    ckpt.check_compatible(meta)
+    ckpt.check_compatible(meta, check_base=base_fingerprint is not None)
     return step
   finally:
     ckpt.manager.close()

@@ -46,8 +46,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   files = results["files"]
-  with open(files["results_md"]) as f:
-    print(f.read())
+  from feallm_jax import paths
+  print(paths.path(files["results_md"]).read_text())
   print(f"wrote {files['results_json']}")
 
 

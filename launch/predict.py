@@ -69,8 +69,9 @@ def run_config(workdir: str, checkpoint: str):
   import ml_collections
   from feallm_jax.eval import feabench
   from feallm_jax.train import checkpoint as ckpt_lib
+  from feallm_jax import paths
   run_dir, step = feabench.resolve_checkpoint(workdir, checkpoint or None)
-  if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+  if not (paths.path(run_dir) / "checkpoints").exists():
     fail(EXIT_NO_MODEL, f"{run_dir}: no checkpoints/ (train first, or pass --workdir of a run)")
   ckpt = ckpt_lib.Checkpointer(run_dir, ml_collections.ConfigDict({"train": {"keep": 1}}),
                                read_only=True)

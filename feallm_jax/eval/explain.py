@@ -5,10 +5,14 @@ Shared by ``launch/predict.py --explain`` and the Colab notebook.
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from feallm_jax import paths
 
 
 def region_scores(attention: Mapping[str, Any], row: int = 0) -> np.ndarray | None:
@@ -56,4 +60,6 @@ def save_overlay(path: str, face: np.ndarray, boxes: np.ndarray, scores: np.ndar
   ax = fig.subplots()
   draw_overlay(ax, face, boxes, scores, names, title)
   fig.tight_layout()
-  fig.savefig(path)
+  buf = io.BytesIO()               # rendered in memory, written through epath (local or gs://)
+  fig.savefig(buf, format=os.path.splitext(str(path))[1][1:].lower() or "png")
+  paths.path(path).write_bytes(buf.getvalue())

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from feallm_jax import paths
 from feallm_jax.data import facs
 from feallm_jax.eval import generate as gen
 from feallm_jax.eval import metrics, parse, report
@@ -317,8 +318,8 @@ def resolve_checkpoint(workdir: str, checkpoint: int | str | None) -> tuple[str,
     return workdir, None
   if isinstance(checkpoint, (int, np.integer)) or str(checkpoint).isdigit():
     return workdir, int(checkpoint)
-  path = os.path.abspath(os.path.expanduser(str(checkpoint)))
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  path = paths.resolve(str(checkpoint))          # local or gs://
+  if (paths.path(path) / "checkpoints").exists():
     return path, None
   base = os.path.basename(path.rstrip("/"))
   parent = os.path.dirname(path.rstrip("/"))
@@ -334,7 +335,7 @@ def load_model(config, workdir: str, checkpoint: int | str | None = None, mesh=N
   from feallm_jax.models import feallm
   from feallm_jax.train import checkpoint as ckpt_lib
   run_dir, step = resolve_checkpoint(workdir, checkpoint)
-  if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+  if not (paths.path(run_dir) / "checkpoints").exists():
     raise FileNotFoundError(f"{run_dir}: no checkpoints/ directory (train first with "
                             f"launch/train.py --workdir={run_dir})")
   mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
@@ -362,4 +363,4 @@ def evaluate(config, workdir: str, checkpoint: int | str | None = None,
     raise ValueError(f"evaluate(model=...): checkpoint must be the model's step, got {checkpoint!r}")
   out_dir = out_dir or os.path.join(workdir, "eval", f"step_{step}")
   return evaluate_model(model, config, suites, mode, out_dir, progress=progress,
-                        meta=dict(step=step, workdir=os.path.abspath(workdir)), tasks=tasks)
+                        meta=dict(step=step, workdir=paths.resolve(workdir)), tasks=tasks)

@@ -6,6 +6,7 @@ matplotlib (Agg backend, no display needed) is imported only when files are writ
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -13,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from feallm_jax import paths
 
 
 def _jsonable(x: Any) -> Any:
@@ -33,14 +36,14 @@ def _jsonable(x: Any) -> Any:
 
 
 def write_json(path: str, obj: Any) -> None:
-  with open(path, "w") as f:
+  with paths.path(path).open("w") as f:
     json.dump(_jsonable(obj), f, indent=1, sort_keys=False)
     f.write("\n")
 
 
 def write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> int:
   n = 0
-  with open(path, "w") as f:
+  with paths.path(path).open("w") as f:
     for row in rows:
       f.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
       n += 1
@@ -123,13 +126,15 @@ def confusion_png(path: str, confusion: Sequence[Sequence[int]], labels: Sequenc
   if title:
     ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  paths.path(path).write_bytes(buf.getvalue())
 
 
 def write_all(out_dir: str, results: Mapping[str, Any],
               predictions: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
-  """Writes every output under ``out_dir``; returns ``{kind: path(s)}``."""
-  os.makedirs(out_dir, exist_ok=True)
+  """Writes every output under ``out_dir`` (local or gs://); returns ``{kind: path(s)}``."""
+  paths.path(out_dir).mkdir(parents=True, exist_ok=True)
   files: dict[str, Any] = {"results_json": os.path.join(out_dir, "results.json"),
                            "results_md": os.path.join(out_dir, "results.md"),
                            "predictions": {}, "confusion": {}}
@@ -147,7 +152,7 @@ def write_all(out_dir: str, results: Mapping[str, Any],
                     title=f"{suite} / {task}: acc {100 * emo['accuracy']:.1f}%, "
                           f"UAR {100 * emo['uar']:.1f}%")
       files["confusion"][f"{suite}/{task}"] = path
-  with open(files["results_md"], "w") as f:
+  with paths.path(files["results_md"]).open("w") as f:
     f.write(markdown(results))
   write_json(files["results_json"], {**results, "files": files})
   return files

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from feallm_jax import sharding
+from feallm_jax import paths, sharding
 from feallm_jax.train import checkpoint as ckpt_lib
 from feallm_jax.train import metrics_log
 from feallm_jax.train import step as step_lib
@@ -198,7 +198,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   from feallm_jax.data import pipeline
   from feallm_jax.models import feallm
 
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)      # a gs:// URL stays a URL
   _check_config(config)
   # 1. Refuse a foreign workdir before building anything (cheap architecture check).
   ckpt_lib.check_workdir(config, workdir)

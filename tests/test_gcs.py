@@ -8,6 +8,11 @@ tensorboardX) read STORAGE_EMULATOR_HOST; TensorStore (Orbax's array store) read
 TENSORSTORE_GCS_HTTP_URL and takes GOOGLE_AUTH_TOKEN_FOR_TESTING as its bearer token (the
 emulator ignores auth). GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false switches off gcsfs's gRPC
 bucket-type probe, which the emulator does not serve (it waits 60 s per bucket otherwise).
+
+One gap of the emulator is filled here: real GCS answers a media download with the object's
+``x-goog-generation`` header, and TensorStore refuses a read without it ("Malformed
+StorageGeneration": restoring a checkpoint written by another process fails), so the emulator's
+download handler is wrapped to send it.
 """
 
 import json
@@ -31,10 +36,34 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _serve_generation_headers(monkeypatch):
+  """The emulator's media downloads carry x-goog-generation / x-goog-metageneration, as GCS's."""
+  from gcp_storage_emulator import server as emu_server
+  from gcp_storage_emulator.exceptions import NotFound
+  from gcp_storage_emulator.handlers import objects
+  original = objects.download
+
+  def download(request, response, storage, *args, **kwargs):
+    original(request, response, storage, *args, **kwargs)
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except NotFound:
+      return
+    response["x-goog-generation"] = str(obj["generation"])
+    response["x-goog-metageneration"] = str(obj.get("metageneration") or "1")
+
+  monkeypatch.setattr(objects, "download", download)      # objects.get(alt=media) calls it
+  for _, handlers in emu_server.HANDLERS:                 # the /download/... route holds it
+    for method, fn in list(handlers.items()):
+      if fn is original:
+        monkeypatch.setitem(handlers, method, download)
+
+
 @pytest.fixture
 def gcs(monkeypatch):
   """The emulator (in memory, one bucket) and the environment that points every client at it."""
   from gcp_storage_emulator.server import create_server
+  _serve_generation_headers(monkeypatch)
   port = _free_port()
   server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
   server.start()
@@ -90,24 +119,24 @@ def test_gs_workdir_train_preempt_resume_evaluate(gcs, tmp_path):
              XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  steps = 6
+  steps = 16                      # enough steps that SIGTERM lands mid-run
 
   # 1. Train; SIGTERM once the first metrics reach the bucket.
   proc = subprocess.Popen(_train(data, steps), cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE)
-  deadline = time.time() + 600
+  deadline = time.time() + 1800   # generous: a loaded 2-core machine starts jax slowly
   while time.time() < deadline and proc.poll() is None and not _bucket_steps(RUN):
-    time.sleep(0.5)
+    time.sleep(0.2)
   assert proc.poll() is None, proc.stderr.read().decode()[-4000:]
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=600)
+  _, err = proc.communicate(timeout=900)
   assert proc.returncode == 0, err.decode()[-4000:]
   ckpts = epath.Path(RUN) / "checkpoints"
   saved = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
   assert saved and 1 <= saved[-1] < steps, f"run was not interrupted mid-way: {saved}"
 
   # 2. The same command resumes from the bucket and finishes.
-  out = subprocess.run(_train(data, steps), cwd=cwd, env=env, capture_output=True, timeout=900)
+  out = subprocess.run(_train(data, steps), cwd=cwd, env=env, capture_output=True, timeout=1800)
   assert out.returncode == 0, out.stderr.decode()[-4000:]
   assert sorted(set(_bucket_steps(RUN))) == list(range(1, steps + 1))
   saved = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
@@ -119,7 +148,7 @@ def test_gs_workdir_train_preempt_resume_evaluate(gcs, tmp_path):
                         *_args(data), "--config.eval.num_samples=2",
                         "--config.eval.max_new_tokens=4", "--suites=synthetic_fea",
                         "--mode=generate", "--noprogress"],
-                       cwd=cwd, env=env, capture_output=True, timeout=900)
+                       cwd=cwd, env=env, capture_output=True, timeout=1800)
   assert out.returncode == 0, out.stderr.decode()[-4000:]
   evaluated = epath.Path(RUN) / "eval" / f"step_{steps}"
   results = json.loads((evaluated / "results.json").read_text())

@@ -12,6 +12,16 @@ import os
 
 from etils import epath
 
+try:
+  import fsspec
+except ImportError:  # pragma: no cover - gs:// needs the gcs extra, which brings fsspec
+  fsspec = None
+else:
+  # gcsfs caches directory listings per process, but TensorStore (Orbax's array writes) and the
+  # other hosts write behind its back: a cached listing could hide a new checkpoint step or
+  # file. Every gs:// listing is made afresh (set before the first gs:// filesystem exists).
+  fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
 
 def is_remote(path: str | os.PathLike) -> bool:
   """True for a URL (``gs://bucket/x``, ``s3://…``), False for a local path."""

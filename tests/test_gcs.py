@@ -25,6 +25,8 @@ import time
 
 import pytest
 
+from feallm_jax import paths  # noqa: F401  (before any gs:// use: no stale gcsfs listings)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "feallm-test"
 RUN = f"gs://{BUCKET}/run"

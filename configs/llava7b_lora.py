@@ -78,7 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Multi-host SIGTERM: JAX's preemption service agrees on the stop step (no per-step collective);
   # only when it is disabled is the flag all-gathered, every this many steps.
   t.preemption_check_every = 10
-  c.eval.suites = ("raf_db", "affectnet", "bp4d", "disfa")
+  # Checked before the first step (feallm_jax/preflight.py): known names, datasets built.
+  c.eval.suites = ("raf_db", "affectnet_7", "affectnet_8", "bp4d", "disfa")
   c.eval.num_samples = 0      # whole splits
   # train_and_evaluate refuses to start (clear error) while the placeholders above are unset.
   c.require_pretrained = True

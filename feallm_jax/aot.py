@@ -228,6 +228,8 @@ def compile_eval(config, model, mesh, programs: Sequence[str]) -> dict[str, Comp
   sig = pipeline.batch_signature(config, b, train=False)
   keys = gen.PROMPT_KEYS_VISION + tuple(k for k in gen.OPTIONAL_KEYS_VISION if k in sig)
   inputs = _abstract_batch({k: sig[k] for k in keys}, mesh)
+  from feallm_jax.models import layers
+  model = layers.with_dropout(model, False)     # as generate() runs it
   graphdef, state = nnx.split(model)
   state = _concrete(state, mesh)
   rep = NamedSharding(mesh, P())

@@ -36,6 +36,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from feallm_jax import console
+  console.setup()
   report = aot.run(FLAGS.config, FLAGS.topology, programs=FLAGS.programs, top=FLAGS.top)
   print(aot.format_report(report))
   text = json.dumps(report, indent=1, default=str)

@@ -49,6 +49,8 @@ def import_hf(vision_dir: str, llm_dir: str, out: str, *, dtype: str = "float32"
 
 def main(argv):
   del argv
+  from feallm_jax import console
+  console.setup()
   fp = import_hf(FLAGS.vision, FLAGS.llm, FLAGS.out, dtype=FLAGS.dtype, fsdp=FLAGS.fsdp,
                  overwrite=FLAGS.overwrite)
   print(f"wrote {FLAGS.out} fingerprint={fp}")

@@ -2,10 +2,12 @@
 
   python launch/predict.py --workdir=runs/x --image=photo.jpg [--prompt="..."] [--explain]
 
-Finds the face (OpenCV Haar cascade; pass --aligned when the image already is a tight face
-crop), builds the 16 facial regions on the face crop, and prints the generated answer.
---explain also ranks the regions by the attention the projector's visual tokens pay to them
-(falling back to the Local Clue Aggregator's region self-attention) and saves an overlay PNG.
+Finds the face (OpenCV Haar cascades: frontal, then profile either way, then a 2x upscale of a
+small image; pass --aligned when the image already is a tight face crop), builds the 16 facial
+regions on the face crop, and prints the generated answer. --explain also ranks the regions by
+the attention the projector's visual tokens pay to them (falling back to the Local Clue
+Aggregator's region self-attention) and saves an overlay PNG to --out (default
+<workdir>/predictions/<image stem>_regions.png), printing its path.
 The config is read from the checkpoint unless --config is given. A file that is not an image,
 or a photo with no face, exits non-zero with a message before any model is loaded.
 """
@@ -25,8 +27,12 @@ flags.DEFINE_string("prompt", "What emotion does this person feel? Explain which
                     "indicate it.", "The question to ask.")
 flags.DEFINE_bool("aligned", False, "The image is already a tight, aligned face crop.")
 flags.DEFINE_bool("explain", False, "Rank facial regions by attention and save an overlay PNG.")
-flags.DEFINE_string("explain_out", "", "Overlay PNG path ('' = <image stem>_regions.png).")
+flags.DEFINE_string("out", "", "Overlay PNG path for --explain ('' = "
+                    "<workdir>/predictions/<image stem>_regions.png).")
+flags.DEFINE_alias("explain_out", "out")
 flags.DEFINE_integer("max_new_tokens", 0, "0 = config.eval.max_new_tokens.")
+flags.DEFINE_string("compile_cache", "", "JAX persistent compilation cache dir; 'off' disables "
+                    "it ('' = $FEALLM_COMPILE_CACHE, else ~/.cache/feallm_jax/jax).")
 flags.mark_flags_as_required(["workdir", "image"])
 FLAGS = flags.FLAGS
 
@@ -58,9 +64,11 @@ def face_crop(rgb, path: str, aligned: bool):
   if aligned:
     return rgb
   try:
-    box = regions.detect_face(rgb, path)
+    box, how = regions.find_face(rgb, path)
   except regions.NoFaceError as e:
     fail(EXIT_NO_FACE, f"{e}. If the image is already a cropped face, pass --aligned.")
+  if how != "frontal cascade":
+    print(f"(face found by the {how})", file=sys.stderr)
   return regions.crop_face(rgb, box)
 
 
@@ -91,10 +99,18 @@ def main(argv):
   rgb = load_image(FLAGS.image)
   face = face_crop(rgb, FLAGS.image, FLAGS.aligned)
 
+  from feallm_jax import compile_cache, console
+  console.setup()
   import numpy as np
   import cv2
   config = FLAGS.config if FLAGS.config is not None else run_config(FLAGS.workdir,
                                                                     FLAGS.checkpoint)
+  compile_cache.enable(FLAGS.compile_cache, config)
+  from feallm_jax import preflight
+  try:
+    config = preflight.resolve_backbones(config)   # the towers' own image size and patch grid
+  except preflight.PreflightError as e:
+    fail(EXIT_NO_MODEL, str(e))
   from feallm_jax.data import pipeline, regions, tokenizer as tok_lib
   from feallm_jax.eval import explain, feabench, generate as gen
   h, w = face.shape[:2]
@@ -129,7 +145,7 @@ def main(argv):
     print("\nregions by attention:")
     for rank, k in enumerate(scores.argsort()[::-1]):
       print(f"  {rank + 1:2d}. {regions.REGION_NAMES[k]:<20s} {scores[k]:.3f}")
-    path = FLAGS.explain_out or os.path.splitext(os.path.basename(FLAGS.image))[0] + "_regions.png"
+    path = explain.overlay_path(FLAGS.workdir, FLAGS.image, FLAGS.out)
     explain.save_overlay(path, cv2.resize(face, (256, 256)), boxes, scores, regions.REGION_NAMES,
                          answer)
     print(f"overlay saved to {path}")

@@ -19,6 +19,8 @@ _CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 config_flags.DEFINE_config_file("config", _CONFIG, "Stage-0 config file.", lock_config=True)
 flags.DEFINE_string("out", "", "Output base checkpoint dir (empty or absent unless --overwrite).")
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+flags.DEFINE_string("reuse_llm_from", "", "A stage-0 output dir whose LLM settings equal this "
+                    "config's: copy its text-pretrained LLM instead of training it again.")
 FLAGS = flags.FLAGS
 
 
@@ -28,7 +30,8 @@ def main(argv):
   if not FLAGS.out:
     raise app.UsageError("--out is required (the base checkpoint directory to write)")
   from feallm_jax.pretrain import stage0
-  rec = stage0.pretrain_backbones(FLAGS.config, FLAGS.out, overwrite=FLAGS.overwrite)
+  rec = stage0.pretrain_backbones(FLAGS.config, FLAGS.out, overwrite=FLAGS.overwrite,
+                                  reuse_llm_from=FLAGS.reuse_llm_from)
   print(json.dumps(dict(out=os.path.abspath(FLAGS.out), fingerprint=rec["fingerprint"],
                         probe=rec["probe"], seconds=rec["seconds"])))
 

@@ -91,8 +91,7 @@ def main(argv):
     raise SystemExit("quickstart: training finished but produced no evaluation results")
   print(report.markdown(results))
   step = result["final_step"]
-  score = feabench.evaluate(config, FLAGS.workdir, checkpoint=step, mode="score", tasks=("fer",),
-                            out_dir=os.path.join(FLAGS.workdir, "eval", f"step_{step}_score_fer"))
+  score = feabench.evaluate(config, FLAGS.workdir, checkpoint=step, mode="score", tasks=("fer",))
   print(floors_table({"generate": results, "score": score}))
   print(f"[quickstart] done in {time.time() - t0:.0f} s; outputs under "
         f"{os.path.abspath(FLAGS.workdir)}", flush=True)

@@ -207,3 +207,118 @@ def make_llava(root: str, *, n_train: int = 5, n_test: int = 2, bad: bool = True
     with open(os.path.join(root, f"faba_{split}.json"), "w") as f:
       json.dump(entries, f, indent=1)
   return truth
+
+
+# --- examples no fixed max_len fits as they are ------------------------------------------------
+
+# Real-looking long turns (a detailed question, a long description), repeated to length.
+LONG_QUESTION = (
+    "Before you answer, read the whole situation carefully. The photograph was taken at a "
+    "family gathering in the late afternoon, a little after the speeches, when most people had "
+    "moved to the garden and the light was coming low through the trees. The person in the "
+    "picture had just heard some news from a cousin across the table, and several relatives "
+    "said later that they could not tell whether the reaction was joy, surprise or worry. ")
+LONG_ANSWER = (
+    "The brows are raised and drawn slightly together, the upper lids are lifted so that more "
+    "of the white of the eyes shows, and the lips are parted with the corners pulled a little "
+    "sideways. Taken together these movements read as surprise with a trace of worry rather "
+    "than plain happiness, because the cheeks are not raised and there are no crow's feet. ")
+
+# id -> why the pipeline cannot fit it at max_len=UNFIT_MAX_LEN (None: truncated but kept).
+UNFIT_MAX_LEN = 256
+PLANTED = {
+    "train-late-image": "image_past_max_len",   # long multi-turn chat, <image> in turn 3
+    "train-cut-answer": "empty_answer",         # <image> first, then a question past max_len
+    "train-two-images": "image_token_count",    # two <image> tokens (planted in the shard)
+    "train-bad-bytes": "bad_image",             # undecodable image bytes (planted in the shard)
+    "train-long-kept": None,                    # answer starts in time: cut, still trained on
+}
+TEST_PLANTED = {"test-late-image": "image_past_max_len"}
+
+
+def _late_image_conv(tag: str) -> list:
+  return [{"from": "human", "value": f"{tag}. " + LONG_QUESTION * 2},
+          {"from": "gpt", "value": LONG_ANSWER},
+          {"from": "human", "value": "<image>\nAnd this face, what does it express?"},
+          {"from": "gpt", "value": "Surprise."}]
+
+
+def make_llava_unfit(root: str, *, n_good: int = 19, n_test: int = 3) -> dict:
+  """FABA-Instruct layout whose train split holds, besides ``n_good`` ordinary conversations,
+  the PLANTED examples, and whose test split holds TEST_PLANTED besides ``n_test`` ordinary ones.
+  Two of them (two images, bad bytes) cannot pass the builder's own checks: they are written as
+  ordinary records here and corrupted in the built shard by :func:`plant_in_shards`.
+  Every planted conversation carries the word 'PLANTED', which no kept row may contain."""
+  truth: dict = {"train": {}, "test": {}}
+  for split, n, planted in (("train", n_good, PLANTED), ("test", n_test, TEST_PLANTED)):
+    entries = []
+    for i in range(n):
+      rel = os.path.relpath(write_image(os.path.join(root, "images", split, f"{i}.jpg"), "rgb",
+                                        seed=500 + i), os.path.join(root, "images"))
+      conv = [{"from": "human", "value": "<image>\nDescribe the facial expression."},
+              {"from": "gpt", "value": f"The person looks calm, sample {i}."},
+              {"from": "human", "value": "Which action units are active?"},
+              {"from": "gpt", "value": "AU12 lip corner puller."}]
+      entries.append({"id": f"{split}-{i}", "image": rel, "conversations": conv})
+      truth[split][f"{split}-{i}"] = None
+    for k, (rid, why) in enumerate(planted.items()):
+      rel = os.path.relpath(write_image(os.path.join(root, "images", split, f"p{k}.jpg"), "rgb",
+                                        seed=600 + k), os.path.join(root, "images"))
+      if rid.endswith("late-image"):
+        conv = _late_image_conv("PLANTED")
+      elif rid.endswith("cut-answer"):
+        conv = [{"from": "human", "value": "<image>\nPLANTED. " + LONG_QUESTION * 2 +
+                 "What is the expression?"},
+                {"from": "gpt", "value": "Surprise, with a trace of worry."}]
+      elif rid.endswith("long-kept"):
+        conv = [{"from": "human", "value": "<image>\nPLANTED. Describe the face in detail."},
+                {"from": "gpt", "value": LONG_ANSWER * 2}]
+      else:   # two-images / bad-bytes: ordinary here, corrupted after the build
+        conv = [{"from": "human", "value": "<image>\nPLANTED. What is the expression?"},
+                {"from": "gpt", "value": "Happiness."}]
+      entries.append({"id": rid, "image": rel, "conversations": conv})
+      truth[split][rid] = why
+    with open(os.path.join(root, f"faba_{split}.json"), "w") as f:
+      json.dump(entries, f, indent=1)
+  return truth
+
+
+def plant_in_shards(version_dir: str, split: str) -> dict[str, str]:
+  """Corrupts, in the built ArrayRecord shards of ``split``, what the builder refused to write:
+  '*-two-images' gets a second ``<image>`` in its conversation, '*-bad-bytes' gets image bytes
+  no decoder reads (a damaged shard, or data written by another tool). Returns {id: change}."""
+  import glob
+
+  import tensorflow_datasets as tfds
+  from array_record.python import array_record_module as ar
+
+  from feallm_jax.data import builders
+  builders.register_all()
+  feats = tfds.builder_from_directory(version_dir).info.features
+  skip = {"image": tfds.decode.SkipDecoding()}
+  done = {}
+  for path in sorted(glob.glob(os.path.join(version_dir, f"*-{split}.array_record-*"))):
+    reader = ar.ArrayRecordReader(path)
+    raws = reader.read_all()
+    reader.close()
+    out = []
+    for raw in raws:
+      rec = dict(feats.deserialize_example_np(raw, decoders=skip))
+      rid = rec["id"].decode() if isinstance(rec["id"], bytes) else str(rec["id"])
+      if rid.endswith("two-images"):
+        conv = json.loads(rec["conversations"])
+        conv[-2]["value"] += " Compare it with this one: <image>"
+        rec["conversations"] = json.dumps(conv)
+        done[rid] = "two <image> tokens"
+      elif rid.endswith("bad-bytes"):
+        rec["image"] = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4   # JPEG magic, then noise
+        done[rid] = "undecodable image bytes"
+      else:
+        out.append(raw)
+        continue
+      out.append(feats.serialize_example(rec))
+    writer = ar.ArrayRecordWriter(path, "group_size:1")
+    for raw in out:
+      writer.write(raw)
+    writer.close()
+  return done

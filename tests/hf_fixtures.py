@@ -91,6 +91,44 @@ def tokenizer_dir(path: str, vocab_size: int = 96) -> str:
   return path
 
 
+# Text a small byte-level BPE is trained on: everyday English and the chat scaffolding, but
+# neither the system prompt nor the instruction templates, so conversations come out several
+# times longer than with the tiny tokenizer (as with a real LLM's general-purpose vocabulary).
+BPE_CORPUS = (
+    "USER: ASSISTANT: USER: ASSISTANT:",
+    "The quick brown fox jumps over the lazy dog while the sun sets behind the hills.",
+    "She smiled at the camera, and her eyes showed that she was happy to see her friends.",
+    "He looked surprised when the door opened, raising his eyebrows and dropping his jaw.",
+    "Describe what you see in the picture and explain the reasons for your answer.",
+    "The person in the photo has a calm face with relaxed muscles around the mouth.",
+)
+
+
+def bpe_tokenizer_dir(path: str, vocab_size: int = 400) -> str:
+  """A byte-level BPE tokenizer dir laid out like a LLaMA-3 / GPT-2 style HF release
+  (tokenizer.json + tokenizer_config.json + config.json; no chat template, no ``<image>``, no pad
+  token), trained offline on :data:`BPE_CORPUS`. ``tokenizer.load`` adds ``<image>`` and the
+  Vicuna template with its system prompt, as it does for a real checkpoint."""
+  import json
+
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  raw = Tokenizer(models.BPE())
+  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  raw.decoder = decoders.ByteLevel()
+  raw.train_from_iterator(list(BPE_CORPUS) * 3, trainers.BpeTrainer(
+      vocab_size=vocab_size, min_frequency=1, special_tokens=["<unk>", "<s>", "</s>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>",
+                                              eos_token="</s>", unk_token="<unk>")
+  os.makedirs(path, exist_ok=True)
+  fast.save_pretrained(path)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"model_type": "llama", "vocab_size": len(fast), "bos_token_id": fast.bos_token_id,
+               "eos_token_id": fast.eos_token_id}, f)
+  return path
+
+
 def torch_llm_logits(path: str, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                      position_ids: np.ndarray | None = None) -> np.ndarray:
   model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

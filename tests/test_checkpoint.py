@@ -64,19 +64,56 @@ def test_restore_on_another_mesh_gives_the_same_next_loss(run):
   np.testing.assert_allclose(float(m["loss"]), run["loss3"], rtol=1e-5)
 
 
-def test_checkpoint_size_scales_with_trainable_weights(run):
+def _stored_leaves(state_dir):
+  """(path, shape, dtype) of every array the checkpoint holds, read from Orbax's own metadata
+  (nothing restored, no target supplied)."""
+  import orbax.checkpoint as ocp
+  tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  out = []
+
+  def walk(prefix, x):
+    if isinstance(x, dict):
+      for k, v in x.items():
+        walk(prefix + (str(k),), v)
+    elif isinstance(x, (list, tuple)):
+      for i, v in enumerate(x):
+        walk(prefix + (str(i),), v)
+    else:
+      out.append((prefix, tuple(x.shape), np.dtype(x.dtype)))
+  walk((), tree)
+  return out
+
+
+def test_checkpoint_size_scales_with_trainable_weights(run, tmp_path):
   tr = run["tr"]
   trainable = sum(x.nbytes for x in jax.tree.leaves(run["state3"].params))
   frozen = sum(x.nbytes for x in jax.tree.leaves(tr.frozen))
-  size = _dir_bytes(os.path.join(run["workdir"], "checkpoints", "2"))
   assert frozen > 3 * trainable
-  # What the checkpoint holds: params + Adam mu/nu + a few counters, never the frozen base.
-  # (Counted from the restored tree: Orbax's on-disk overhead varies from run to run.)
-  ck = ckpt_lib.Checkpointer(run["workdir"], run["config"], base_fingerprint="fp-A")
-  restored, _ = ck.restore(tr.abstract_state(), pipeline.train_iterator(run["config"]))
-  ck.close()
-  payload = sum(x.nbytes for x in jax.tree.leaves(restored))
+  state_dir = os.path.join(run["workdir"], "checkpoints", "2", "state")
+  stored = _stored_leaves(state_dir)
+  # No frozen base weight is stored: with train_llm='lora' and train_vision=False every
+  # backbone weight (layers.BaseParam, listed from the model itself, not from the trainer's
+  # split) is frozen, and no stored path may end with one's path.
+  from flax import nnx
+  from feallm_jax.models import layers
+  assert run["config"].model.train_llm == "lora" and not run["config"].model.train_vision
+  abstract = feallm.abstract_model(feallm.spec_from_config(run["config"]),
+                                   sharding.single_device_mesh())
+  frozen_paths = {tuple(str(k) for k in p)
+                  for p, _ in nnx.to_flat_state(nnx.state(abstract, layers.BaseParam))}
+  assert len(frozen_paths) > 10
+  leaks = lambda leaves: [p for p, _, _ in leaves for f in frozen_paths if p[-len(f):] == f]
+  assert not leaks(stored), leaks(stored)[:3]
+  # The detector sees a leak where there is one: the frozen weights saved under another key.
+  import orbax.checkpoint as ocp
+  planted = os.path.join(tmp_path, "planted")
+  ocp.PyTreeCheckpointer().save(planted, {"rest": ckpt_lib.to_nested(tr.frozen)})
+  assert len(leaks(_stored_leaves(planted))) >= len(frozen_paths) // 2
+  assert any(p[0] == "params" for p, _, _ in stored)
+  # What it holds: params + Adam mu/nu + a few counters and RNG/iterator scalars.
+  payload = sum(int(np.prod(shape)) * dt.itemsize for _, shape, dt in stored)
   assert 3 * trainable <= payload < 3 * trainable + 4096, (payload, trainable)
+  size = _dir_bytes(os.path.join(run["workdir"], "checkpoints", "2"))
   assert size < frozen, (size, frozen)
 
 
@@ -120,14 +157,19 @@ def test_wrong_config_or_base_is_refused_before_writing(run):
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="fingerprint"):
     ckpt_lib.check_workdir(config, workdir, base_fingerprint="fp-B")
   assert ckpt_lib.check_workdir(config, workdir, base_fingerprint="fp-A") == 2
-  # The cheap first check (architecture only, before the base is known) passes a resume.
-  assert ckpt_lib.check_workdir(config, workdir) == 2
+  # The first check train_and_evaluate makes, before the base weights are known: architecture.
+  assert ckpt_lib.check_workdir(config, workdir, base_fingerprint=None) == 2
   assert sorted(os.listdir(workdir)) == before                 # no metrics/tb files created
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ckpt_dir_before
   # Runtime-only keys (remat, compute dtype) may change on resume.
   ok = config.copy_and_resolve_references()
   ok.model.remat = True
   assert ckpt_lib.check_workdir(ok, workdir, base_fingerprint="fp-A") == 2
+  # The cheap check train_and_evaluate runs before the base fingerprint is known compares the
+  # architecture only: it used to compare against '' and refused every resume of a LoRA run.
+  assert ckpt_lib.check_workdir(config, workdir) == 2
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="num_layers"):
+    ckpt_lib.check_workdir(other, workdir)
 
 
 def test_relative_workdir_round_trips(run, tmp_path, monkeypatch):

@@ -60,8 +60,22 @@ def test_exclusive_markers():
   assert not facs.EXCLUSIVE_AUS["sadness"] and not facs.EXCLUSIVE_AUS["surprise"]
 
 
+# EMFACS-7 prototypes (Friesen & Ekman 1983, EMFACS-7; as tabulated in the "Facial Action
+# Coding System" article's emotion table, Wikipedia, after Matsumoto & Ekman): happiness 6+12,
+# sadness 1+4+15, surprise 1+2+5B+26, fear 1+2+4+5+7+20+26, anger 4+5+7+23, disgust 9+15+16,
+# contempt R12A+R14A (unilateral). Intensity and side letters dropped.
+EMFACS_7 = {"happiness": {6, 12}, "sadness": {1, 4, 15}, "surprise": {1, 2, 5, 26},
+            "fear": {1, 2, 4, 5, 7, 20, 26}, "anger": {4, 5, 7, 23}, "disgust": {9, 15, 16},
+            "contempt": {12, 14}, "neutral": set()}
+
+
+def test_emfacs_prototypes_are_the_published_table():
+  assert {e: set(p) for e, p in facs.EMFACS_PROTOTYPES.items()} == EMFACS_7
+  assert facs.UNILATERAL_EMOTIONS == {"contempt"}
+
+
 def test_emfacs_consistent():
-  for emotion, proto in facs.EMFACS_PROTOTYPES.items():
+  for emotion, proto in EMFACS_7.items():
     assert facs.emfacs_consistent(emotion, proto), emotion
   assert facs.emfacs_consistent("happiness", [12])
   assert facs.emfacs_consistent("fear", [1, 4, 20])
@@ -77,6 +91,6 @@ def test_emfacs_consistent():
   with pytest.raises(ValueError, match="3"):
     facs.emfacs_consistent("happiness", [3])
   for emotion in facs.EMOTIONS:
-    proto = facs.EMFACS_PROTOTYPES[emotion]
+    proto = EMFACS_7[emotion]
     for au in facs.conflicting_aus(emotion):
       assert not facs.emfacs_consistent(emotion, set(proto) | {au})

@@ -68,10 +68,8 @@ def run(tmp_path_factory, devices):
 
 
 def test_cli_end_to_end_writes_every_output(run, capsys):
-  spec = importlib.util.spec_from_file_location("eval_feabench_cli",
-                                                os.path.join(ROOT, "launch", "eval_feabench.py"))
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
+  from tests.cli_helpers import load_cli
+  cli = load_cli("eval_feabench")
   out_dir = str(run["tmp"] / "out")
   cli.FLAGS([ "eval_feabench", f"--config={run['cfg_path']}", f"--workdir={run['workdir']}",
              "--suites=synthetic_fea", "--mode=generate", f"--out_dir={out_dir}",
@@ -111,24 +109,119 @@ def test_cli_end_to_end_writes_every_output(run, capsys):
   assert "| synthetic_fea | reasoning |" in md and "per-AU F1" in md
 
 
-def test_score_mode_on_a_live_model(run):
-  """Closed-set scoring: every emotion gets a probability; nothing is unparsed."""
+def _oracle_answer(batch, row):
+  """What a perfect model would say for one eval row, read from the batch row itself (its
+  task, emotion and AU labels), in the training answers' wording."""
+  from feallm_jax.data import instructions
+  task = instructions.TASKS[int(batch["task"][row])]
+  e = int(batch["emotion"][row])
+  active = [au for au, v in zip(facs.ALL_AUS, batch["au_present"][row]) if v == 1]
+  if task == "fer":
+    return instructions.answer_emotion(e)
+  if task == "aur":
+    return instructions.answer_aus(active)
+  if task == "joint":
+    return instructions.answer_joint(e, active)
+  return instructions.answer_reasoning(e, active)
+
+
+def test_reference_answers_score_perfectly_through_the_whole_path(run, monkeypatch):
+  """Generation replaced by an oracle that answers each batch row from that row's own labels:
+  decoding, parsing, the row -> record bookkeeping, metrics and the written files must then
+  report perfect scores. A shifted, shuffled or mislabelled row anywhere shows."""
   from feallm_jax.data import tokenizer as tok_lib
+  from feallm_jax.eval import generate as gen
+  tok = tok_lib.load("")
+  eos = int(tok.eos_token_id)
+  calls = []
+
+  def oracle_generate(model, batch, sampling, mesh=None):
+    rows = []
+    for r in range(len(batch["input_ids"])):
+      ids = tok.encode(_oracle_answer(batch, r), add_special_tokens=False) + [eos] \
+          if batch["example_mask"][r] else [eos]
+      rows.append(ids)
+    n = max(map(len, rows))
+    tokens = np.full((len(rows), n), sampling.pad_id, np.int32)
+    for r, ids in enumerate(rows):
+      tokens[r, :len(ids)] = ids
+    calls.append(len(rows))
+    return tokens, np.array([len(ids) for ids in rows], np.int32)
+
+  monkeypatch.setattr(gen, "generate", oracle_generate)
+  config = run["config"].copy_and_resolve_references()
+  config.eval.num_samples = 0          # the whole test split: every emotion that occurs in it
+  out_dir = str(run["tmp"] / "oracle")
+  res = feabench.evaluate(config, run["workdir"], suites="synthetic_fea", mode="generate",
+                          out_dir=out_dir, progress=False)
+  assert calls and sum(calls) >= 4 * 2   # more than one batch, padded rows included
+  suite = res["suites"]["synthetic_fea"]
+  s = suite["summary"]
+  for task in ("fer", "joint", "reasoning"):
+    emo = suite["tasks"][task]["emotion"]
+    assert (s[task]["accuracy"], s[task]["macro_f1"], s[task]["uar"]) == (1.0, 1.0, 1.0), task
+    assert s[task]["emotion_unparsed"] == 0
+    cm = np.asarray(emo["confusion"])
+    assert cm.sum() == np.trace(cm) == emo["num_samples"] and (cm.diagonal() > 0).sum() >= 3
+  for task in ("aur", "joint"):
+    aus = suite["tasks"][task]["aus"]
+    assert aus["unparsed"] == 0 and aus["mean_accuracy"] == 1.0, task
+    assert all(aus["per_au_f1"][k] == 1.0 for k, n in aus["positives"].items() if n), task
+  # Reasoning cites only the prototype AUs of its emotion: no false positives, all consistent.
+  r_aus = suite["tasks"]["reasoning"]["aus"]
+  assert r_aus["unparsed"] == 0
+  assert suite["tasks"]["reasoning"]["emfacs_consistency"]["rate"] == 1.0
+  assert suite["tasks"]["reasoning"]["emfacs_consistency"]["not_judged"] == 0
+  with open(os.path.join(out_dir, "predictions_synthetic_fea.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == suite["num_samples"]
+  for r in rows:
+    if r["task"] in ("fer", "aur", "joint"):
+      assert r["prediction"] == r["reference"], r     # the oracle says the reference
+    if r["task"] in ("fer", "joint", "reasoning"):
+      assert r["emotion_pred"] == r["emotion_true"], r
+
+
+def test_score_mode_maps_candidates_to_labels(run, monkeypatch):
+  """Closed-set scoring with known log-likelihoods: the candidate scored highest for a row is
+  that row's true emotion, so every prediction must be right and every reported probability
+  must be the softmax of the known scores, under the candidate's own label."""
+  from feallm_jax.data import tokenizer as tok_lib
+  from feallm_jax.eval import generate as gen
+  tok = tok_lib.load("")
+  from feallm_jax.data import pipeline
+  labels = list(pipeline.label_set("synthetic_fea")["emotions"])
+
+  def fake_scores(model, batch, cand_ids, cand_mask, reduction="sum", mesh=None):
+    # The candidates are the label answers, in label-set order.
+    texts = [tok.decode(i[:m.sum()]).strip() for i, m in zip(cand_ids, cand_mask)]
+    assert texts == [lab.capitalize() + "." for lab in labels], texts
+    b = len(batch["input_ids"])
+    ll = -np.tile(np.arange(1.0, len(labels) + 1), (b, 1))       # -1, -2, ... by position
+    for r in range(b):
+      if batch["example_mask"][r]:
+        ll[r, labels.index(facs.EMOTIONS[batch["emotion"][r]])] = 0.5
+    probs = np.exp(ll) / np.exp(ll).sum(1, keepdims=True)
+    return gen.Scores(log_likelihood=ll, probs=probs, pred=ll.argmax(1))
+
+  monkeypatch.setattr(gen, "score_candidates", fake_scores)
   model, step = feabench.load_model(run["config"], run["workdir"])
   assert step == 1
   suite = feabench.Suite("synthetic_fea", "synthetic_fea", "test", ("fer",))
-  tok = tok_lib.load("")
-  from feallm_jax.eval import generate as gen
   records = feabench.predict_suite(model, run["config"], suite, "score", tok,
                                    gen.SamplingConfig(max_new_tokens=6), progress=False)
   assert len(records) == 3
   for r in records:
     assert r["prediction"] is None  # no generation needed for FER in score mode
-    assert set(r["emotion_probs"]) == set(facs.RAF_DB)
-    assert sum(r["emotion_probs"].values()) == pytest.approx(1.0)
-    assert r["emotion_pred"] == max(r["emotion_probs"], key=r["emotion_probs"].get)
+    assert r["emotion_pred"] == r["emotion_true"]
+    true = labels.index(r["emotion_true"])
+    ll = -np.arange(1.0, len(labels) + 1)
+    ll[true] = 0.5
+    want = np.exp(ll) / np.exp(ll).sum()
+    for k, lab in enumerate(labels):
+      assert r["emotion_probs"][lab] == pytest.approx(want[k], rel=1e-9), (lab, r)
   m = feabench.suite_metrics(records, suite, "score")
-  assert m["summary"]["fer"]["emotion_unparsed"] == 0
+  assert m["summary"]["fer"]["emotion_unparsed"] == 0 and m["summary"]["fer"]["accuracy"] == 1.0
 
 
 def test_unbuilt_suite_names_builder_and_command(run):

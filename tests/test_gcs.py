@@ -1,7 +1,8 @@
 """``gs://`` workdirs end to end, against a real GCS JSON API on this machine: gcp-storage-emulator
 on 127.0.0.1 (no mock of the project's code). A tiny run trains with --workdir=gs://bucket/run,
-is stopped by SIGTERM, resumes from the bucket, is evaluated from the bucket, and nothing is
-written to the local working directory.
+is stopped by SIGTERM, resumes from the bucket, is evaluated from the bucket (its own folder
+under eval/, indexed in eval/index.jsonl, metrics in the bucket's metrics.jsonl), compared from
+the bucket's index, and nothing is written to the local working directory.
 
 How each client finds the emulator: gcsfs (behind etils.epath) and google-cloud-storage (behind
 tensorboardX) read STORAGE_EMULATOR_HOST; TensorStore (Orbax's array store) reads
@@ -152,14 +153,35 @@ def test_gs_workdir_train_preempt_resume_evaluate(gcs, tmp_path):
                         "--mode=generate", "--noprogress"],
                        cwd=cwd, env=env, capture_output=True, timeout=1800)
   assert out.returncode == 0, out.stderr.decode()[-4000:]
-  evaluated = epath.Path(RUN) / "eval" / f"step_{steps}"
+  from feallm_jax.eval import store
+  from feallm_jax.train import metrics_log
+  (entry,) = store.read_index(RUN)                  # eval/index.jsonl in the bucket
+  assert entry["step"] == steps and entry["mode"] == "generate"
+  assert entry["path"].startswith(f"step_{steps}_generate_synthetic_fea_n2_"), entry["path"]
+  evaluated = epath.Path(RUN) / "eval" / entry["path"]
   results = json.loads((evaluated / "results.json").read_text())
   assert results["meta"]["step"] == steps and results["meta"]["workdir"] == RUN
+  assert results["meta"]["key"] == entry["key"] and entry["path"].endswith(entry["key"])
   assert set(results["suites"]["synthetic_fea"]["summary"]) == {"fer", "aur", "joint", "reasoning"}
   names = {p.name for p in evaluated.iterdir()}
   assert {"results.md", "predictions_synthetic_fea.jsonl"} <= names
   png = next(p for p in evaluated.iterdir() if p.name.endswith(".png"))
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert not any(p.name.startswith(".") for p in (epath.Path(RUN) / "eval").iterdir())
+  # The headline metrics went to the bucket's metrics.jsonl, after the training records.
+  evals = metrics_log.read(RUN, kind="eval/generate")
+  assert [r["step"] for r in evals] == [steps]
+  assert evals[0]["synthetic_fea/fer/num_samples"] == entry["metrics"]["synthetic_fea/fer/num_samples"] == 2
+
+  # 4. Compare the run from the bucket's index, writing the comparison into the bucket.
+  out = subprocess.run([sys.executable, "-m", "launch.compare_runs", f"--workdirs={RUN}",
+                        f"--out=gs://{BUCKET}/cmp/compare.md"],
+                       cwd=cwd, env=env, capture_output=True, timeout=900)
+  assert out.returncode == 0, out.stderr.decode()[-4000:]
+  cmp_dir = epath.Path(f"gs://{BUCKET}/cmp")
+  assert {p.name for p in cmp_dir.iterdir()} == {"compare.md", "compare_steps.png",
+                                                 "compare_scaling.png", "compare.json"}
+  assert "run" in (cmp_dir / "compare.md").read_text()
 
   # Nothing was written locally: no 'gs:' directory or any other file in the working directory.
   assert sorted(os.listdir(cwd)) == []

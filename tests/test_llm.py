@@ -105,20 +105,48 @@ def test_kv_cache_token_by_token(which, llama_dir, qwen_dir):
 
 
 def test_jit_split_merge_remat_and_bf16(llama_dir):
+  """remat=True against remat=False on the same weights: the full logits and every gradient
+  (the loss weighs each logit differently, so each position and vocab entry matters), with
+  LoRA adapters whose dropout is on, so remat's recomputation must redraw the same masks."""
+  from feallm_jax.models import lora
   cfg = hf.llm_config_from_dir(llama_dir)
   ids = jnp.asarray(_ids(t=8))
   ref = hf.load_llm(llama_dir)(ids)
-  with sharding.mesh_rules(sharding.single_device_mesh()):
-    model = nnx.eval_shape(lambda: llm.Decoder(cfg, remat=True, rngs=nnx.Rngs(0)))
-  hf.load_llm_weights(model, llama_dir)
-  graphdef, state = nnx.split(model)
+  lcfg = lora.LoRAConfig(rank=4, alpha=8.0, dropout=0.3)
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=ref.shape), jnp.float32)
 
-  def loss(state):
-    return nnx.merge(graphdef, state)(ids).mean()
+  def build(remat):
+    with sharding.mesh_rules(sharding.single_device_mesh()):
+      model = nnx.eval_shape(lambda: llm.Decoder(
+          cfg, lora=lcfg, remat=remat, rngs=nnx.Rngs(params=0, dropout=1)))
+      init = nnx.jit(lambda: nnx.state(llm.Decoder(cfg, lora=lcfg, remat=remat,
+                                                   rngs=nnx.Rngs(params=0, dropout=1))))()
+    nnx.update(model, init)
+    hf.load_llm_weights(model, llama_dir)
+    for i, (_, m) in enumerate(model.iter_modules()):
+      if isinstance(m, lora.LoRA):      # non-zero B: the adapters (and their dropout) count
+        m.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(i), m.lora_b.shape)
+    return model
 
-  val, grads = jax.jit(jax.value_and_grad(loss))(state)
-  np.testing.assert_allclose(val, ref.mean(), rtol=1e-5)
-  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  out = {}
+  for remat in (False, True):
+    graphdef, params, rest = nnx.split(build(remat), nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)   # arrays in, as the train step
+
+    def loss(params, rest):
+      logits = nnx.merge(graphdef, params, rest)(ids)
+      return jnp.sum(logits * weights), logits
+
+    (val, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, rest)
+    out[remat] = (np.asarray(logits), {"/".join(map(str, p)): np.asarray(g) for p, g in
+                                       nnx.to_flat_state(grads)})
+  (l0, g0), (l1, g1) = out[False], out[True]
+  np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
+  assert np.abs(l0 - np.asarray(ref)).max() > 1e-3       # dropout and adapters are live
+  assert g0.keys() == g1.keys() and any("lora_a" in k for k in g0)
+  for k in g0:
+    assert np.abs(g0[k]).max() > 0, k
+    np.testing.assert_allclose(g1[k], g0[k], rtol=1e-4, atol=1e-6, err_msg=k)
   bf = hf.load_llm(llama_dir, dtype="bfloat16")
   assert bf.embed_tokens[...].dtype == jnp.bfloat16
   out = fx.jit_apply(bf, ids)

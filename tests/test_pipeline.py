@@ -5,7 +5,24 @@ import pytest
 
 import data_fixtures as fx
 from configs import tiny_synthetic
-from feallm_jax.data import builders, facs, instructions, pipeline, tokenizer as T
+from feallm_jax.data import builders, facs, instructions, pipeline, regions, tokenizer as T
+from feallm_jax.eval import parse
+
+# OpenAI CLIP's normalization, as transformers.utils.constants.OPENAI_CLIP_MEAN / _STD.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def _clip_processor(size):
+  """The reference: what a pretrained CLIP is fed (PIL backend: exact, no torchvision)."""
+  from transformers import CLIPImageProcessor
+  from transformers.utils import constants
+  np.testing.assert_array_equal(CLIP_MEAN, np.float32(constants.OPENAI_CLIP_MEAN))
+  np.testing.assert_array_equal(CLIP_STD, np.float32(constants.OPENAI_CLIP_STD))
+  proc = CLIPImageProcessor(size={"shortest_edge": size},
+                            crop_size={"height": size, "width": size})
+  return lambda img: np.asarray(proc(img, return_tensors="np")["pixel_values"][0]).transpose(
+      1, 2, 0)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +60,11 @@ def _check_train_batch(b, c, tok, rows):
   assert (b["example_mask"] == 1).all()
   r = b["regions"]
   assert (r >= 0).all() and (r <= 1).all() and (r[..., 2] >= r[..., 0]).all()
-  assert abs(float(b["image"].mean())) < 2.5 and b["image"].std() > 0.1   # CLIP-normalized
+  # CLIP-normalized with OpenAI's constants: undone, the pixels lie in [0, 1]; a face's dark
+  # pixels sit below -1 (raw [0, 1] pixels never go negative, raw 0..255 ones leave [0, 1]).
+  raw = b["image"] * CLIP_STD + CLIP_MEAN
+  assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5, (raw.min(), raw.max())
+  assert b["image"].min() < -1.0
 
 
 def test_train_batch_contract(cfg, tok):
@@ -79,6 +100,21 @@ def test_resume_from_orbax_checkpoint(cfg, tmp_path):
   for w, g in zip(want, got):
     for k in w:
       np.testing.assert_array_equal(w[k], g[k], err_msg=k)
+
+
+def test_encoded_images_decode_as_tfds_does(cfg):
+  """The pipeline reads encoded image bytes and decodes them itself (so a bad image drops one
+  example): its batches equal those from tfds' own decoding, nothing dropped."""
+  it = pipeline.train_iterator(cfg)
+  a = next(it)
+  decoded = pipeline.data_source(cfg, split="train", decode_images=True)
+  it2 = iter(pipeline.train_dataset(cfg, source=decoded))
+  b = next(it2)
+  for d in (it.drops, it2.drops):
+    assert d.dropped == 0 and d.examples == 8
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_epochs_reshuffle_and_augment(cfg):
@@ -180,3 +216,127 @@ def test_mp_prefetch_matches_in_process(cfg):
   b = next(pipeline.train_iterator(c))
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# --- the pixel path against CLIPImageProcessor ---------------------------------------------------
+
+def test_eval_images_equal_clip_image_processor(cfg):
+  """The evaluation batches (FEABench, predict) feed the ViT exactly CLIPImageProcessor's
+  pixels, and the LCA's higher-resolution view is the same recipe at its size."""
+  c = cfg.copy_and_resolve_references()
+  c.data.lca_image_size = 96
+  size = c.model.vision.image_size
+  vit, lca = _clip_processor(size), _clip_processor(96)
+  src = pipeline.data_source(c, split="test")
+  by_id = {pipeline._clean_record(src[i])["id"]: i for i in range(len(src))}
+  batch, metas = next(pipeline.eval_batches(c, split="test", tasks=("fer",), batch_size=8))
+  for row, m in enumerate(metas):
+    img = np.asarray(src[by_id[m["id"]]]["image"])
+    np.testing.assert_allclose(batch["image"][row], vit(img), atol=1e-5, err_msg=m["id"])
+    np.testing.assert_allclose(batch["lca_image"][row], lca(img), atol=1e-5, err_msg=m["id"])
+
+
+@pytest.mark.parametrize("shape", [(90, 70), (70, 90), (333, 500), (64, 64), (40, 40)])
+def test_eval_views_of_any_shape_equal_clip_image_processor(cfg, shape):
+  """``pipeline.eval_views`` (predict's path) on non-square, larger and smaller photos."""
+  rng = np.random.default_rng(sum(shape))
+  img = rng.integers(0, 256, shape + (3,), np.uint8)   # noise: every resampling error shows
+  size = cfg.model.vision.image_size
+  got = pipeline.eval_views(cfg, img)["image"]
+  np.testing.assert_allclose(got, _clip_processor(size)(img), atol=1e-5)
+
+
+def test_train_images_without_augmentation_equal_clip_image_processor(cfg):
+  """The train path with data.augment=False: every row is CLIP's image of one train record."""
+  c = cfg.copy_and_resolve_references()
+  c.data.augment = False
+  ref = _clip_processor(c.model.vision.image_size)
+  src = pipeline.data_source(c, split="train")
+  clip_images = np.stack([ref(np.asarray(src[i]["image"])) for i in range(len(src))])
+  b = next(pipeline.train_iterator(c))
+  for row in range(len(b["image"])):
+    err = np.abs(clip_images - b["image"][row]).reshape(len(src), -1).max(1)
+    assert err.min() < 1e-5, (row, err.min())
+
+
+# --- region boxes follow the random resized crop and the flip -----------------------------------
+
+def _mirror_name(name: str) -> str:
+  """The anatomical partner of a region: a mirrored face shows its left eye where a right one
+  would be, so after a flip the box named right_eye must cover the marker of left_eye."""
+  if name.startswith("left_"):
+    return "right_" + name[5:]
+  if name.startswith("right_"):
+    return "left_" + name[6:]
+  return name
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_region_boxes_follow_crop_and_flip(flip):
+  """One white disc on black at the centre of a canonical region box (one image per region);
+  the training augmentation (random resized crop, flip), drawn from the same seed for every
+  image, must put each output box's centre on its region's disc (on the mirror-named one after
+  a flip) within one output pixel."""
+  src_size, size = 160, 128
+  names = regions.REGION_NAMES
+  boxes = regions.canonical_boxes()
+  yy, xx = np.mgrid[:src_size, :src_size] + 0.5
+  gy, gx = np.mgrid[:size, :size] + 0.5
+  aug = pipeline.Augment(flip=flip, brightness=0.0, contrast=0.0, saturation=0.0)
+
+  def view(k, seed):
+    y0, x0, y1, x1 = boxes[k]
+    cy, cx = (y0 + y1) / 2 * src_size, (x0 + x1) / 2 * src_size
+    img = np.zeros((src_size, src_size, 3), np.uint8)
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 4.5 ** 2] = 255
+    rec = {"image": img, "has_landmarks": False, "id": names[k]}
+    views, out = pipeline.image_views(rec, (size,), np.random.default_rng(seed), aug,
+                                      use_landmarks=False)
+    return (views[0] * CLIP_STD + CLIP_MEAN).mean(-1), out
+
+  for seed in range(6):
+    whole = 0
+    for k, name in enumerate(names):
+      want = names.index(_mirror_name(name)) if flip else k
+      light, out_boxes = view(want, seed)
+      w = np.clip(light, 0, None)
+      assert w.sum() > 5, (seed, name)
+      centroid = np.array([(w * gy).sum(), (w * gx).sum()]) / w.sum()
+      y0, x0, y1, x1 = out_boxes[k]
+      if 0 < y0 and y1 < 1 and 0 < x0 and x1 < 1:
+        centre = np.array([(y0 + y1) / 2, (x0 + x1) / 2]) * size
+        assert np.abs(centroid - centre).max() < 1.0, (seed, name, centroid, centre)
+        whole += 1
+      else:   # cut by the crop (clipped to the view): the disc is still inside it
+        assert y0 * size <= centroid[0] <= y1 * size and x0 * size <= centroid[1] <= x1 * size
+    assert whole >= 8, (seed, whole)
+
+
+# --- the training answers, read back by the evaluator -------------------------------------------
+
+def test_training_answers_parse_to_their_labels_with_the_evaluators_parser(cfg, tok):
+  """Every supervised answer the pipeline trains on, decoded and read by ``eval/parse.py``
+  (what FEABench scores with), gives back the example's own labels."""
+  seen = set()
+  it = pipeline.train_iterator(cfg)
+  for _ in range(4):
+    b = next(it)
+    for row in range(len(b["task"])):
+      task = instructions.TASKS[b["task"][row]]
+      seen.add(task)
+      ids = b["input_ids"][row][b["loss_mask"][row] == 1]
+      answer = tok.decode(ids, skip_special_tokens=True)
+      emotion = facs.EMOTIONS[b["emotion"][row]]
+      active = {au for au, v in zip(facs.ALL_AUS, b["au_present"][row]) if v == 1}
+      if task in ("fer", "joint", "reasoning"):
+        assert parse.parse_emotion(answer) == emotion, (task, answer, emotion)
+      if task in ("aur", "joint"):
+        assert parse.parse_aus(answer) == active, (task, answer, sorted(active))
+      if task == "reasoning":
+        named = parse.parse_aus(answer)
+        assert named is not None and named <= active, (answer, sorted(active))
+        if emotion == "neutral":
+          assert not named & set(facs.PROTOTYPE_AUS), answer
+        else:
+          assert named and named <= set(facs.EMFACS_PROTOTYPES[emotion]), (answer, emotion)
+  assert seen == set(cfg.data.tasks), seen

@@ -4,12 +4,11 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from feallm_jax.data import facs, regions, synthetic
 
 R = {n: i for i, n in enumerate(regions.REGION_NAMES)}
-SHEET = os.path.join(os.path.dirname(__file__), "..", "runs", "review", "contact_sheet.png")
 
 
 def test_record_contract():
@@ -148,32 +147,23 @@ def test_throughput():
   assert rate > 40  # ~150-200/s on one idle core; loose for a shared CI box
 
 
-def test_contact_sheet():
-  """One face per emotion (and contempt) at 128 px and 64 px, labels underneath: for human review."""
-  emotions = facs.EMOTIONS
-  tiles = []
-  for e in emotions:
-    i = next(i for i in range(64)
-             if facs.EMOTIONS[int(synthetic.generate(i, emotions=emotions)["emotion"])] == e)
-    r = synthetic.generate(i, emotions=emotions)
-    big = Image.fromarray(r["image"]).resize((256, 256), Image.LANCZOS)
-    small = Image.fromarray(r["image"]).resize((64, 64), Image.BILINEAR)
-    tile = Image.new("RGB", (256, 330), "white")
-    tile.paste(big, (0, 0))
-    tile.paste(small, (192, 262))
-    d = ImageDraw.Draw(tile)
-    d.text((4, 262), e, fill="black")
-    aus = synthetic.active_aus(r)
-    line = " ".join(f"AU{a}" for a in aus) or "no AUs"
-    d.text((4, 280), line[:30], fill="black")
-    d.text((4, 296), line[30:], fill="black")
-    tiles.append(tile)
-  sheet = Image.new("RGB", (256 * 4, 330 * 2), "white")
-  for j, t in enumerate(tiles):
-    sheet.paste(t, ((j % 4) * 256, (j // 4) * 330))
-  os.makedirs(os.path.dirname(SHEET), exist_ok=True)
-  sheet.save(SHEET)
-  assert os.path.getsize(SHEET) > 10_000
+def test_contact_sheet_shows_each_emotion_it_names(tmp_path):
+  """``launch/contact_sheet.py`` (a review script; writes nothing here): tile k shows, at
+  256 px, a face whose label is the emotion written under it, with that face's own AUs."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "contact_sheet", os.path.join(os.path.dirname(__file__), "..", "launch", "contact_sheet.py"))
+  cs = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cs)
+  sheet, picked = cs.contact_sheet()
+  assert [e for e, _, _ in picked] == list(facs.EMOTIONS)
+  px = np.asarray(sheet)
+  for k, (e, i, aus) in enumerate(picked):
+    r = synthetic.generate(i, emotions=facs.EMOTIONS)
+    assert facs.EMOTIONS[int(r["emotion"])] == e and aus == list(synthetic.active_aus(r))
+    y, x = (k // 4) * cs.TILE_H, (k % 4) * cs.TILE_W
+    want = np.asarray(Image.fromarray(r["image"]).resize((cs.BIG, cs.BIG), Image.LANCZOS))
+    np.testing.assert_array_equal(px[y:y + cs.BIG, x:x + cs.BIG], want)
 
 
 def test_occurring_aus_are_exactly_what_the_sampler_switches_on():

@@ -133,8 +133,14 @@ def test_tiny_synthetic_loss_falls_then_nan_stops_the_run(tmp_path, monkeypatch)
   assert last < 0.6 * first, losses                          # training loss falls
   bad = [r for r in rows if r["step"] > good_steps]
   assert bad and all(r["skipped"] >= 1 for r in bad) and bad[-1]["skipped"] >= 3
+  # Every logged row (one step each) reports the step's real gradient norm: finite while the
+  # batches are good, non-finite for the poisoned ones (skipped, not hidden).
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    assert all(np.isfinite(json.loads(line)["grad_norm"]) or True for line in f)
+    logged = [json.loads(line) for line in f]
+  norms = {r["step"]: r["grad_norm"] for r in logged if "grad_norm" in r}
+  assert sorted(norms) == [r["step"] for r in rows]
+  assert all(np.isfinite(norms[s]) and norms[s] > 0 for s in norms if s <= good_steps), norms
+  assert all(not np.isfinite(norms[s]) for s in norms if s > good_steps), norms
   # The last good checkpoint survives; nothing was saved after the NaN steps began.
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert steps[-1] == good_steps

@@ -51,8 +51,14 @@ def _split_name(name: str) -> tuple[str, str | None]:
   return tuple(name.split("/", 1)) if "/" in name else (name, None)  # type: ignore[return-value]
 
 
-def data_source(config, dataset: str | None = None, split: str = "train"):
-  """The tfds ArrayRecord source ('name' or 'name/config'); the synthetic set builds itself."""
+def data_source(config, dataset: str | None = None, split: str = "train", *,
+                decode_images: bool = True):
+  """The tfds ArrayRecord source ('name' or 'name/config'); the synthetic set builds itself.
+
+  ``decode_images=False`` leaves ``image`` as its encoded bytes: the training and evaluation
+  pipelines decode it themselves, so an undecodable image drops one example (counted, with its
+  id) instead of raising from inside tfds.
+  """
   from feallm_jax.data import builders
   d = config.data
   name, cfg = _split_name(dataset or d.dataset)
@@ -68,7 +74,10 @@ def data_source(config, dataset: str | None = None, split: str = "train"):
     log.info("building %s/%s under %s (first use)", name, cfg, d.data_dir)
     builders.build(name, d.data_dir, config=cfg)
     b = builders.make_builder(name, d.data_dir, config=cfg)
-  return b.as_data_source(split=split)
+  if decode_images:
+    return b.as_data_source(split=split)
+  import tensorflow_datasets as tfds
+  return b.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
 
 
 def label_set(dataset: str) -> dict[str, Any]:
@@ -86,6 +95,56 @@ def label_set(dataset: str) -> dict[str, Any]:
     from feallm_jax.data import synthetic
     return dict(emotions=facs.RAF_DB, aus=synthetic.occurring_aus(facs.RAF_DB))
   return dict(emotions=None, aus=None)
+
+
+# --- examples that cannot be fitted -------------------------------------------------------------
+
+# Why an example is dropped, and what a user changes so it is not: the text of reports and errors.
+DROP_REASONS: dict[str, str] = {
+    "image_past_max_len": "the <image> token sits past max_len: raise --config.data.max_len",
+    "empty_answer": "no answer token is left within max_len: raise --config.data.max_len "
+                    "(or fix conversations that have no answer)",
+    "image_token_count": "the conversation holds zero or several <image> tokens: fix the data "
+                         "(exactly one per conversation)",
+    "bad_image": "undecodable image bytes: rebuild the dataset with launch/build_dataset.py "
+                 "--overwrite",
+    "no_task": "none of config.data.tasks is allowed by the record's labels: set "
+               "--config.data.tasks",
+    "bad_conversation": "the conversation is not valid LLaVA JSON: fix the data",
+}
+REASON_CODES = {r: i + 1 for i, r in enumerate(DROP_REASONS)}   # 0 = nothing dropped
+LENGTH_REASONS = ("image_past_max_len", "empty_answer")
+
+
+class Unfit(ValueError):
+  """An example that cannot become a fixed-shape row: dropped and counted, never fatal.
+
+  ``needed`` is the smallest ``data.max_len`` that would keep it (0 when no length does).
+  """
+
+  def __init__(self, reason: str, message: str, *, needed: int = 0, rid: str = ""):
+    if reason not in DROP_REASONS:
+      raise KeyError(reason)
+    super().__init__(message)
+    self.reason, self.needed, self.rid = reason, int(needed), rid
+
+
+def decode_image(image, rid: str = "") -> np.ndarray:
+  """RGB uint8 [H,W,3] from a record's image: an array already decoded by tfds, or its encoded
+  bytes (decoded with cv2 the way tfds does); undecodable bytes raise ``Unfit('bad_image')``."""
+  if isinstance(image, bytes):
+    arr = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_UNCHANGED) if image else None
+    if arr is None or arr.size == 0:
+      raise Unfit("bad_image", f"record {rid!r}: undecodable image ({len(image)} bytes)")
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+      arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
+    elif arr.ndim == 3 and arr.shape[-1] == 3:
+      arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    image = arr.astype(np.uint8, copy=False)
+  img = np.asarray(image)
+  if img.ndim == 2:
+    img = np.repeat(img[..., None], 3, -1)
+  return img
 
 
 # --- per-example processing --------------------------------------------------------------------
@@ -118,6 +177,37 @@ def _crop_window(h: int, w: int, rng, aug: Augment | None):
   return y0, x0, ch, cw
 
 
+def _clip_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+  """CLIPImageProcessor's resize and crop: the shortest side goes to ``size`` (the long side to
+  ``int(size * long / short)``), then a centred ``size x size`` crop. -> (new_h, new_w, top,
+  left)."""
+  if w <= h:
+    new_w, new_h = size, int(size * h / w)
+  else:
+    new_w, new_h = int(size * w / h), size
+  return new_h, new_w, (new_h - size) // 2, (new_w - size) // 2
+
+
+def _clip_window(h: int, w: int, size: int) -> tuple[float, float, float, float]:
+  """The source window (y0, x0, ch, cw), in source pixels, that CLIP's view of size ``size``
+  shows: where the region boxes of an evaluation view are measured from."""
+  new_h, new_w, top, left = _clip_geometry(h, w, size)
+  sy, sx = h / new_h, w / new_w
+  return top * sy, left * sx, size * sy, size * sx
+
+
+def _clip_view(source, size: int) -> np.ndarray:
+  """CLIPImageProcessor's pixels (PIL backend) before rescaling: bicubic resize of the whole
+  image, then the centre crop. (PIL's ``resize(box=...)`` of the same window is not the same
+  filter pass: it was measured 22 grey levels away, so evaluation resizes exactly as CLIP.)"""
+  from PIL import Image
+  w, h = source.size
+  new_h, new_w, top, left = _clip_geometry(h, w, size)
+  if (new_w, new_h) != (w, h):
+    source = source.resize((new_w, new_h), Image.BICUBIC)
+  return np.asarray(source.crop((left, top, left + size, top + size)))
+
+
 def _jitter_ops(rng, aug: Augment) -> list[tuple[int, float]]:
   """Brightness, contrast and saturation factors in a random order (drawn once per example, so
   every view of the face gets the same jitter)."""
@@ -146,19 +236,30 @@ def _jitter(img: np.ndarray, ops: Sequence[tuple[int, float]]) -> np.ndarray:
 def image_views(rec: dict, sizes: Sequence[int], rng, aug: Augment | None,
                 use_landmarks: bool) -> tuple[list[np.ndarray], np.ndarray]:
   """One crop/flip/jitter of the face resampled to each of `sizes` (CLIP-normalized float32
-  [s,s,3] each) and the 16 region boxes (float32 [16,4], normalized, shared by every view)."""
+  [s,s,3] each) and the 16 region boxes (float32 [16,4], normalized, shared by every view).
+
+  Views are bicubic (PIL) resamples of one window of the source: a random mild crop when
+  training; when not, CLIP's own shortest-side resize + centre crop, so an evaluation image is
+  exactly what ``transformers.CLIPImageProcessor`` gives a pretrained CLIP (boxes are measured
+  in the window of the ViT's view, ``sizes[0]``; on a non-square source another size's centre
+  crop can sit up to one of its pixels away).
+  """
+  from PIL import Image
   from feallm_jax.data import regions
-  img = np.asarray(rec["image"])
-  if img.ndim == 2:
-    img = np.repeat(img[..., None], 3, -1)
+  img = decode_image(rec["image"], _text(rec.get("id", "")))
+  if img.dtype != np.uint8:
+    raise ValueError(f"record {_text(rec.get('id', ''))!r}: image must be uint8 [H,W,3], got "
+                     f"{img.dtype} {img.shape}")
   h, w = img.shape[:2]
   if use_landmarks and rec["has_landmarks"]:
     boxes = regions.boxes_from_landmarks(np.asarray(rec["landmarks"]), _text(rec["id"]))
   else:
     boxes = regions.canonical_boxes()
   boxes = np.asarray(boxes, np.float32)
-  y0, x0, ch, cw = _crop_window(h, w, rng, aug)
-  crop = img[y0:y0 + ch, x0:x0 + cw]
+  if aug is None:
+    y0, x0, ch, cw = _clip_window(h, w, int(sizes[0]))
+  else:
+    y0, x0, ch, cw = _crop_window(h, w, rng, aug)
   # Boxes follow the crop: normalized to the window, clipped to the image.
   off = np.array([y0 / h, x0 / w, y0 / h, x0 / w], np.float32)
   scl = np.array([ch / h, cw / w, ch / h, cw / w], np.float32)
@@ -168,9 +269,13 @@ def image_views(rec: dict, sizes: Sequence[int], rng, aug: Augment | None,
     boxes = regions.flip_boxes(boxes)
   ops = _jitter_ops(rng, aug) if aug is not None else []
   views = []
+  source = Image.fromarray(np.ascontiguousarray(img[..., :3]))
   for size in sizes:
-    interp = cv2.INTER_AREA if min(ch, cw) > size else cv2.INTER_LINEAR
-    out = cv2.resize(crop, (size, size), interpolation=interp)
+    if aug is None:
+      out = _clip_view(source, size)
+    else:
+      out = np.asarray(source.resize((size, size), Image.BICUBIC,
+                                     box=(x0, y0, x0 + cw, y0 + ch)))
     if flip:
       out = out[:, ::-1]
     x = out.astype(np.float32) * (1.0 / 255.0)
@@ -213,16 +318,21 @@ def fit_length(ids: np.ndarray, loss: np.ndarray, max_len: int, image_id: int,
 
   Training (keep_tail=False) cuts the end: the answer is last. Prompts (keep_tail=True) keep
   everything up to the image and the last tokens (the question and the generation prompt).
+  A sequence that cannot be cut so raises :class:`Unfit` (its caller drops the example).
   """
   n = len(ids)
   if n <= max_len:
     return ids, loss, False
   pos = np.flatnonzero(ids == image_id)
   if len(pos) != 1:
-    raise ValueError(f"expected exactly one image token, found {len(pos)}")
+    raise Unfit("image_token_count", f"{n} tokens need cutting to max_len={max_len}: expected "
+                f"exactly one image token, found {len(pos)}")
   p = int(pos[0])
   if p + 1 >= max_len:
-    raise ValueError(f"max_len={max_len} leaves no room after the image token at {p}")
+    first = np.flatnonzero(loss)
+    need = max(p + 2, int(first[0]) + 1) if len(first) and not keep_tail else p + 2
+    raise Unfit("image_past_max_len",
+                f"max_len={max_len} leaves no room after the image token at {p}", needed=need)
   if not keep_tail:
     return ids[:max_len], loss[:max_len], True
   tail = max_len - (p + 1)
@@ -278,38 +388,111 @@ def _conversation(rec: dict, tasks: Sequence[str], rng) -> tuple[list, int]:
   """(LLaVA conversation, task index) for a record: its own, or one drawn from the tasks."""
   from feallm_jax.data import instructions
   if rec["conversations"]:
-    return json.loads(rec["conversations"]), FREE_FORM_TASK
+    try:
+      conv = json.loads(rec["conversations"])
+    except json.JSONDecodeError as e:
+      raise Unfit("bad_conversation", f"record {rec['id']!r}: conversations are not JSON "
+                  f"({e.msg})") from None
+    return conv, FREE_FORM_TASK
   avail = set(instructions.available_tasks(rec))
   choices = [t for t in tasks if t in avail]
   if not choices:
-    raise ValueError(f"record {rec['id']!r}: none of the tasks {tuple(tasks)} is available "
-                     f"(its labels allow {sorted(avail)}); set config.data.tasks")
+    raise Unfit("no_task", f"record {rec['id']!r}: none of the tasks {tuple(tasks)} is "
+                f"available (its labels allow {sorted(avail)}); set config.data.tasks")
   task = choices[int(rng.integers(len(choices)))]
   conv = instructions.make_conversation(rec, task, int(rng.integers(1 << 31)))
   return conv, instructions.TASKS.index(task)
 
 
-class TrainExample(grain.transforms.Map):
-  """(global position, record) -> fixed-shape training example (right padded)."""
+def _encode(tok, encoder, conv, rid: str):
+  try:
+    return encoder(tok, conv)
+  except (ValueError, TypeError, AttributeError, KeyError) as e:   # roles, non-dict turns
+    raise Unfit("bad_conversation", f"record {rid!r}: {e}") from None
 
-  def __init__(self, spec: ExampleSpec, source):
-    self.spec, self.source = spec, source
+
+MAX_ATTEMPTS = 16   # positions tried for one row before it is left masked (example_mask 0)
+ID_BYTES = 64       # dropped ids travel in the batch as fixed-width bytes
+DROP_KEYS = ("dropped", "dropped_id", "dropped_len")
+
+
+def _drop_fields(e: Unfit | None) -> dict[str, np.ndarray]:
+  rid = (e.rid if e is not None else "").encode("utf-8")[:ID_BYTES]
+  return dict(dropped=np.int32(REASON_CODES[e.reason] if e is not None else 0),
+              dropped_id=np.array(rid, dtype=f"S{ID_BYTES}"),
+              dropped_len=np.int32(e.needed if e is not None else 0))
+
+
+def _blank_views(spec: ExampleSpec) -> dict[str, np.ndarray]:
+  from feallm_jax.data import regions
+  out = dict(image=np.zeros((spec.image_size, spec.image_size, 3), np.float32),
+             regions=np.asarray(regions.canonical_boxes(), np.float32))
+  if spec.lca_image_size:
+    out["lca_image"] = np.zeros((spec.lca_image_size, spec.lca_image_size, 3), np.float32)
+  return out
+
+
+class TrainExample(grain.transforms.Map):
+  """(global position, record) -> fixed-shape training example (right padded).
+
+  An example that cannot be fitted (:class:`Unfit`: image token past ``max_len``, zero or
+  several image tokens, no answer left after the cut, undecodable image, ...) is replaced by
+  the example at the next position of the shuffled stream (then the one after, ...). Every
+  row therefore still depends only on its position: batches stay full, restoring the iterator
+  resumes to the identical next batch and each process computes its own rows the same way.
+  The drop is reported once, at its own position, in the ``dropped*`` fields (reason code, id,
+  the max_len that would keep it); a replacement that fails too is counted at its own position.
+  """
+
+  def __init__(self, spec: ExampleSpec, source, order: grain.MapDataset | None = None):
+    self.spec, self.source, self.order = spec, source, order
 
   def map(self, element):
     gpos, index = element
+    drop, out = None, None
+    for attempt in range(MAX_ATTEMPTS if self.order is not None else 1):
+      idx = index if attempt == 0 else int(self.order[gpos + attempt])
+      try:
+        out = self.example(gpos, idx, attempt)
+        break
+      except Unfit as e:
+        if attempt == 0:
+          drop = e
+    if out is None:
+      out = self.blank()
+    out.update(_drop_fields(drop))
+    return out
+
+  def example(self, gpos: int, index: int, attempt: int = 0) -> dict[str, np.ndarray]:
+    """The example of ``index`` drawn at ``gpos`` (``attempt`` > 0: as a replacement)."""
     s = self.spec
-    epoch = gpos // s.num_records
-    rng = np.random.default_rng([s.seed, epoch, index])
+    epoch = (gpos + attempt) // s.num_records
+    rng = np.random.default_rng([s.seed, epoch, index] + ([gpos, attempt] if attempt else []))
     rec = _clean_record(self.source[index])
+    try:
+      return self._make(rec, rng)
+    except Unfit as e:
+      e.rid = rec["id"]
+      raise
+
+  def _make(self, rec: dict, rng) -> dict[str, np.ndarray]:
+    s = self.spec
     tok = _tokenizer(s.tokenizer)
     views = s.views(rec, rng, s.augment)
     conv, task = _conversation(rec, s.tasks, rng)
-    ids, loss = tokenizer_lib.encode_conversation(tok, conv)
+    ids, loss = _encode(tok, tokenizer_lib.encode_conversation, conv, rec["id"])
     img_id = tokenizer_lib.image_token_id(tok)
-    if int((ids == img_id).sum()) != 1:
-      raise ValueError(f"record {rec['id']!r}: conversation must hold exactly one "
-                       f"{tokenizer_lib.IMAGE_TOKEN}, got {int((ids == img_id).sum())}")
+    n_img = int((ids == img_id).sum())
+    if n_img != 1:
+      raise Unfit("image_token_count", f"record {rec['id']!r}: conversation must hold exactly "
+                  f"one {tokenizer_lib.IMAGE_TOKEN}, got {n_img}")
+    first = np.flatnonzero(loss)
     ids, loss, cut = fit_length(ids, loss, s.max_len, img_id)
+    if not loss.any():
+      raise Unfit("empty_answer", f"record {rec['id']!r}: no answer token within "
+                  f"max_len={s.max_len}" if len(first) else
+                  f"record {rec['id']!r}: the conversation has no answer",
+                  needed=int(first[0]) + 1 if len(first) else 0)
     n = len(ids)
     input_ids = np.full(s.max_len, tok.pad_token_id, np.int32)
     input_ids[:n] = ids
@@ -320,6 +503,195 @@ class TrainExample(grain.transforms.Map):
     return dict(**views, input_ids=input_ids, attention_mask=attn,
                 loss_mask=loss_mask, example_mask=np.int32(1), emotion=np.int32(rec["emotion"]),
                 au_present=_au_vector(rec), task=np.int32(task), truncated=np.int32(cut))
+
+  def blank(self) -> dict[str, np.ndarray]:
+    """A masked row (example_mask 0, no loss): only when MAX_ATTEMPTS positions in a row fail."""
+    s = self.spec
+    tok = _tokenizer(s.tokenizer)
+    input_ids = np.full(s.max_len, tok.pad_token_id, np.int32)
+    input_ids[0] = tokenizer_lib.image_token_id(tok)
+    attn = np.zeros(s.max_len, np.int32)
+    attn[0] = 1
+    return dict(**_blank_views(s), input_ids=input_ids, attention_mask=attn,
+                loss_mask=np.zeros(s.max_len, np.int32), example_mask=np.int32(0),
+                emotion=np.int32(-1), au_present=np.full(len(facs.ALL_AUS), -1, np.int32),
+                task=np.int32(FREE_FORM_TASK), truncated=np.int32(0))
+
+
+# --- drop accounting ---------------------------------------------------------------------------
+
+class DroppedExamplesError(ValueError):
+  """More training examples were dropped than ``data.max_dropped_fraction`` allows."""
+
+
+MAX_IDS = 5   # ids kept (and logged) per reason
+
+
+@dataclasses.dataclass
+class DropLog:
+  """Examples dropped from the training stream, cumulative over the run.
+
+  ``examples`` counts the positions drawn (the rows of every batch); ``counts`` the dropped ones
+  by reason; ``ids`` the first few ids per reason (this process only); ``needed_len`` the
+  smallest ``data.max_len`` that would keep every length drop; ``unfilled`` the rows left
+  masked because MAX_ATTEMPTS positions in a row could not be fitted.
+  """
+  examples: int = 0
+  counts: dict[str, int] = dataclasses.field(default_factory=dict)
+  ids: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  needed_len: int = 0
+  unfilled: int = 0
+
+  @property
+  def dropped(self) -> int:
+    return sum(self.counts.values())
+
+  @property
+  def fraction(self) -> float:
+    return self.dropped / self.examples if self.examples else 0.0
+
+  def add(self, reason: str, rid: str, needed: int = 0) -> bool:
+    """Counts one drop; True when its id is newly listed (the first MAX_IDS distinct ids of
+    each reason are kept and logged; a record drawn again in a later epoch counts again)."""
+    self.counts[reason] = self.counts.get(reason, 0) + 1
+    if reason in LENGTH_REASONS:
+      self.needed_len = max(self.needed_len, int(needed))
+    listed = self.ids.setdefault(reason, [])
+    if len(listed) < MAX_IDS and rid not in listed:
+      listed.append(rid)
+      return True
+    return False
+
+  def add_batch(self, batch: dict) -> list[tuple[str, str, int]]:
+    """Pops the ``dropped*`` fields of a batch and counts them; returns the newly listed drops."""
+    codes, ids, lens = (np.asarray(batch.pop(k)) for k in DROP_KEYS)
+    self.examples += len(codes)
+    self.unfilled += int((np.asarray(batch["example_mask"]) == 0).sum())
+    names = list(DROP_REASONS)
+    new = []
+    for i in np.flatnonzero(codes):
+      reason = names[int(codes[i]) - 1]
+      rid = bytes(ids[i]).decode("utf-8", "replace")
+      if self.add(reason, rid, int(lens[i])):
+        new.append((reason, rid, int(lens[i])))
+    return new
+
+  # Multi-host: every process sums the same vector, so every process takes the same decision.
+  def to_vector(self) -> np.ndarray:
+    return np.asarray([self.examples, self.unfilled, self.needed_len] +
+                      [self.counts.get(r, 0) for r in DROP_REASONS], np.int64)
+
+  @classmethod
+  def from_vectors(cls, vectors: np.ndarray, ids: dict | None = None) -> "DropLog":
+    v = np.asarray(vectors, np.int64).reshape(-1, 3 + len(DROP_REASONS))
+    counts = {r: int(n) for r, n in zip(DROP_REASONS, v[:, 3:].sum(0)) if n}
+    return cls(examples=int(v[:, 0].sum()), counts=counts, ids=dict(ids or {}),
+               needed_len=int(v[:, 2].max()), unfilled=int(v[:, 1].sum()))
+
+  def state(self) -> dict:
+    return dict(examples=self.examples, counts=dict(self.counts),
+                ids={k: list(v) for k, v in self.ids.items()}, needed_len=self.needed_len,
+                unfilled=self.unfilled)
+
+  @classmethod
+  def from_state(cls, state: dict | None) -> "DropLog":
+    if not state:
+      return cls()
+    return cls(examples=int(state["examples"]), counts=dict(state["counts"]),
+               ids={k: list(v) for k, v in state["ids"].items()},
+               needed_len=int(state["needed_len"]), unfilled=int(state["unfilled"]))
+
+  def metrics(self) -> dict[str, float | int]:
+    """Scalars for metrics.jsonl / TensorBoard."""
+    out: dict[str, float | int] = dict(examples=self.examples, dropped=self.dropped,
+                                       dropped_fraction=self.fraction)
+    for r in DROP_REASONS:
+      if self.counts.get(r):
+        out[f"dropped/{r}"] = self.counts[r]
+    if self.unfilled:
+      out["unfilled_rows"] = self.unfilled
+    return out
+
+  def describe(self, max_len: int | None = None) -> str:
+    """'<n> <reason>: <what to change>; first ids: ...' per reason."""
+    parts = []
+    for r in DROP_REASONS:
+      n = self.counts.get(r, 0)
+      if not n:
+        continue
+      fix = DROP_REASONS[r]
+      if r in LENGTH_REASONS and self.needed_len:
+        fix += (f" (--config.data.max_len={self.needed_len} keeps every example dropped for "
+                f"length{'' if max_len is None else f'; it is {max_len}'})")
+      ids = self.ids.get(r, [])
+      parts.append(f"{n} {r}: {fix}" + (f"; first ids: {', '.join(map(repr, ids))}"
+                                        if ids else ""))
+    return "; ".join(parts) if parts else "nothing dropped"
+
+  def summary(self) -> str:
+    return (f"{self.dropped} of {self.examples} examples dropped ({100 * self.fraction:.2f}%)"
+            + (f", {self.unfilled} rows left masked" if self.unfilled else ""))
+
+  def check(self, max_fraction: float, check_after: int, max_len: int | None = None) -> None:
+    """Raises DroppedExamplesError once ``check_after`` examples were drawn and more than
+    ``max_fraction`` of them were dropped."""
+    if self.examples < max(int(check_after), 1) or self.dropped <= max_fraction * self.examples:
+      return
+    raise DroppedExamplesError(
+        f"training data: {self.summary()}, more than data.max_dropped_fraction={max_fraction}. "
+        f"{self.describe(max_len)}. To accept this many drops instead, raise "
+        f"--config.data.max_dropped_fraction.")
+
+
+class TrainIterator(grain.DatasetIterator):
+  """This process's training batches (the keys of :func:`batch_signature`) and ``drops``.
+
+  The last stage of the Grain pipeline: the ``dropped*`` fields of each batch go into
+  ``drops`` (a :class:`DropLog`; the first ids per reason are logged), and ``get_state`` /
+  ``set_state`` carry the counts with Grain's state, so a resumed run reports what an
+  uninterrupted one would. A Grain ``DatasetIterator``: grain's checkpoint handler saves it.
+  """
+
+  STATE_KEY = "feallm_drops"
+
+  def __init__(self, parent: grain.DatasetIterator, *, split: str = "train"):
+    super().__init__(parent)
+    self.split = split
+    self.drops = DropLog()
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = dict(next(self._parent))
+    for reason, rid, needed in self.drops.add_batch(batch):
+      log.warning("%s: dropped example %r (%s%s); counted in metrics.jsonl as dropped/%s",
+                  self.split, rid, reason, f", needs max_len >= {needed}" if needed else "",
+                  reason)
+    return batch
+
+  def get_state(self) -> dict:
+    return {**self._parent.get_state(), self.STATE_KEY: self.drops.state()}
+
+  def set_state(self, state: dict) -> None:
+    state = dict(state)
+    drops = state.pop(self.STATE_KEY, None)   # absent in checkpoints written before it existed
+    self._parent.set_state(state)
+    self.drops = DropLog.from_state(drops)
+
+  def __str__(self) -> str:
+    return f"TrainIterator(split={self.split})"
+
+
+class CountDrops(grain.IterDataset):
+  """Pipeline stage whose iterator is a :class:`TrainIterator` (drop accounting)."""
+
+  def __init__(self, parent: grain.IterDataset, split: str = "train"):
+    super().__init__(parent)
+    self._split = split
+
+  def __iter__(self) -> TrainIterator:
+    return TrainIterator(self._parent.__iter__(), split=self._split)
+
+  def __str__(self) -> str:
+    return "CountDrops"
 
 
 class ProcessRows(grain.MapDataset):
@@ -380,24 +752,33 @@ def eval_views(config, image: np.ndarray, image_id: str = "") -> dict[str, np.nd
   return _spec(config, 1, train=False, seed=int(config.get("seed", 0))).views(rec, None, None)
 
 
+def _order(n: int, seed: int) -> grain.MapDataset:
+  """Record index of every global position: shuffled per epoch, repeated forever."""
+  return grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+
+
 def train_dataset(config, *, split: str = "train", seed: int | None = None,
                   process_index: int | None = None, process_count: int | None = None,
                   source=None) -> grain.IterDataset:
-  """The training IterDataset (infinite, shuffled per epoch, this process's batch slices)."""
+  """The training IterDataset (infinite, shuffled per epoch, this process's batch slices).
+
+  Its iterator is a :class:`TrainIterator`: the ``dropped*`` fields :class:`TrainExample` adds
+  to every row are taken out of the batches into its drop counts.
+  """
   d = config.data
   seed = int(config.seed if seed is None else seed)
   pi, pc = _process()
   pi = pi if process_index is None else process_index
   pc = pc if process_count is None else process_count
-  src = data_source(config, split=split) if source is None else source
+  src = data_source(config, split=split, decode_images=False) if source is None else source
   n = len(src)
   if n < d.batch_size:
     raise ValueError(f"{d.dataset}/{split} has {n} records, fewer than one batch "
                      f"({d.batch_size})")
   spec = _spec(config, n, train=True, seed=seed)
-  ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
-  ds = ProcessRows(ds, d.batch_size, pi, pc)
-  ds = ds.map(TrainExample(spec, src))
+  order = _order(n, seed)
+  ds = ProcessRows(order, d.batch_size, pi, pc)
+  ds = ds.map(TrainExample(spec, src, order))
   ds = ds.batch(d.batch_size // pc, drop_remainder=True)
   it = ds.to_iter_dataset()
   if d.num_workers > 0:
@@ -406,19 +787,132 @@ def train_dataset(config, *, split: str = "train", seed: int | None = None,
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
         num_workers=int(d.num_workers), per_worker_buffer_size=2))
-  return it
+  return CountDrops(it, split)
 
 
-def train_iterator(config, *, split: str = "train", seed: int | None = None, **kwargs):
-  """Iterator of this process's numpy training batches; Orbax saves/restores its state with
+def train_iterator(config, *, split: str = "train", seed: int | None = None,
+                   **kwargs) -> TrainIterator:
+  """Iterator of this process's numpy training batches (:class:`TrainIterator`: its ``drops``
+  count the examples that could not be fitted). Orbax saves/restores its state with
   grain.checkpoint.CheckpointSave / CheckpointRestore (get_state / set_state underneath)."""
   return iter(train_dataset(config, split=split, seed=seed, **kwargs))
+
+
+def fit_check(config, *, split: str = "train", seed: int | None = None, source=None,
+              num_examples: int | None = None) -> DropLog:
+  """The drops among the first positions of the training stream: the very examples the first
+  steps draw (identical on every process, so every process decides alike), made by the same
+  code, without replacements. ``num_examples`` defaults to ``data.fit_check_examples`` (0: no
+  check, an empty DropLog)."""
+  d = config.data
+  seed = int(config.seed if seed is None else seed)
+  k = int(num_examples if num_examples is not None else d.get("fit_check_examples", 256))
+  if k <= 0:
+    return DropLog()
+  src = data_source(config, split=split, decode_images=False) if source is None else source
+  n = len(src)
+  k = min(k, n)
+  example = TrainExample(_spec(config, n, train=True, seed=seed), src)
+  order = _order(n, seed)
+  drops = DropLog(examples=k)
+  for g in range(k):
+    try:
+      example.example(g, int(order[g]))
+    except Unfit as e:
+      drops.add(e.reason, e.rid, e.needed)
+  return drops
+
+
+def check_fit(config, *, split: str = "train", seed: int | None = None, source=None) -> DropLog:
+  """Refuses (DroppedExamplesError naming the flag) a run whose first examples would all be
+  dropped; warns when more than ``data.max_dropped_fraction`` of them would be."""
+  d = config.data
+  drops = fit_check(config, split=split, seed=seed, source=source)
+  name = f"{d.dataset}{'/' + d.builder_config if d.get('builder_config', '') else ''}/{split}"
+  if drops.examples and drops.dropped == drops.examples:
+    raise DroppedExamplesError(
+        f"{name}: every one of the first {drops.examples} training examples would be dropped, "
+        f"nothing to train on: {drops.describe(int(d.max_len))}")
+  limit = float(d.get("max_dropped_fraction", 0.01))
+  if drops.fraction > limit:
+    log.warning("%s: %s among the first examples, more than data.max_dropped_fraction=%s: the "
+                "run stops once %d examples were drawn at this rate. %s", name, drops.summary(),
+                limit, int(d.get("drop_check_after", 1000)), drops.describe(int(d.max_len)))
+  else:
+    log.info("%s fit check: %s", name, drops.summary())
+  return drops
+
+
+def _percentiles(x: Sequence[int]) -> dict[str, float]:
+  a = np.asarray(x, np.float64)
+  if not len(a):
+    return {}
+  return dict(mean=round(float(a.mean()), 1), p50=float(np.percentile(a, 50)),
+              p90=float(np.percentile(a, 90)), p99=float(np.percentile(a, 99)),
+              max=float(a.max()))
+
+
+def length_report(config, source, *, num_examples: int = 0, seed: int | None = None
+                  ) -> dict[str, Any]:
+  """Token lengths of a split with ``config``'s tokenizer and visual-token count, and how many
+  examples ``data.max_len`` would truncate or drop (by reason, with the first ids).
+
+  Text only (images are not decoded: the builders already skip undecodable ones). Generated
+  tasks are drawn once per record. ``num_examples`` > 0 reads that many evenly spaced records.
+  """
+  d = config.data
+  seed = int(config.get("seed", 0) if seed is None else seed)
+  n = len(source)
+  idx = (np.arange(n) if not num_examples or num_examples >= n else
+         np.unique(np.linspace(0, n - 1, int(num_examples)).astype(np.int64)))
+  tok = _tokenizer(d.tokenizer)
+  img_id = tokenizer_lib.image_token_id(tok)
+  max_len, tasks = int(d.max_len), tuple(d.tasks)
+  try:
+    from feallm_jax.models import feallm
+    visual = feallm.expanded_length(config, 1)
+  except Exception as e:  # noqa: BLE001 - a report must not die on an unreadable model config
+    log.warning("visual-token count unavailable (%s): LLM lengths not reported", e)
+    visual = None
+  lengths, drops, truncated = [], DropLog(examples=len(idx)), 0
+  for i in idx:
+    rec = _clean_record(source[int(i)])
+    try:
+      conv, _ = _conversation(rec, tasks, np.random.default_rng([seed, 0, int(i)]))
+      ids, loss = _encode(tok, tokenizer_lib.encode_conversation, conv, rec["id"])
+      lengths.append(len(ids))
+      n_img = int((ids == img_id).sum())
+      if n_img != 1:
+        raise Unfit("image_token_count", f"{n_img} image tokens")
+      first = np.flatnonzero(loss)
+      _, kept, cut = fit_length(ids, loss, max_len, img_id)
+      if not kept.any():
+        raise Unfit("empty_answer", "no answer", needed=int(first[0]) + 1 if len(first) else 0)
+      truncated += int(cut)
+    except Unfit as e:
+      drops.add(e.reason, rec["id"], e.needed)
+  out: dict[str, Any] = dict(
+      examples=int(len(idx)), of=int(n), max_len=max_len, tokenizer=d.tokenizer or "tiny",
+      text_tokens=_percentiles(lengths), truncated=truncated, dropped=drops.dropped,
+      dropped_by_reason={r: drops.counts[r] for r in DROP_REASONS if r in drops.counts},
+      first_ids={k: v for k, v in drops.ids.items()},
+      needed_max_len=drops.needed_len, describe=drops.describe(max_len),
+      fits_untruncated=int(max(lengths)) if lengths else 0)
+  if visual is not None:
+    out["visual_tokens"] = int(visual)   # tokens the single <image> placeholder becomes
+    out["llm_tokens"] = _percentiles([x - 1 + visual for x in lengths])
+  return out
 
 
 # --- evaluation --------------------------------------------------------------------------------
 
 class EvalExample(grain.transforms.Map):
-  """(global position, (record index, task) or None) -> (prompt example, meta), left padded."""
+  """(global position, (record index, task) or None) -> (prompt example, meta), left padded.
+
+  A prompt that cannot be fitted (:class:`Unfit`) keeps its row: it is masked
+  (example_mask 0, a lone image token) and its meta says ``unfit=<reason>``, so the evaluation
+  scores it as unanswerable and counts it instead of crashing.
+  """
 
   def __init__(self, spec: ExampleSpec, source, dataset: str):
     self.spec, self.source, self.dataset = spec, source, dataset
@@ -430,33 +924,51 @@ class EvalExample(grain.transforms.Map):
     index, task = row if real else (0, None)
     rec = _clean_record(self.source[index])
     tok = _tokenizer(s.tokenizer)
-    rng = np.random.default_rng([s.seed, 0, index])
-    views = s.views(rec, rng, None)
-    if rec["conversations"]:
-      conv, task_id = json.loads(rec["conversations"]), FREE_FORM_TASK
-    else:
-      from feallm_jax.data import instructions
-      t = task or s.tasks[0]
-      if t not in instructions.available_tasks(rec):
-        t = instructions.available_tasks(rec)[0]
-      conv = instructions.make_conversation(rec, t, int(rng.integers(1 << 31)))
-      task_id = instructions.TASKS.index(t)
-    ids, ref, prompt = tokenizer_lib.encode_prompt(tok, conv)
     img_id = tokenizer_lib.image_token_id(tok)
-    ids, _, cut = fit_length(ids, np.zeros_like(ids), s.max_len, img_id, keep_tail=True)
+    rng = np.random.default_rng([s.seed, 0, index])
+    task_id, ref, prompt, unfit = FREE_FORM_TASK, "", [], None
+    try:
+      views = s.views(rec, rng, None)
+      if rec["conversations"]:
+        conv, _ = _conversation(rec, s.tasks, rng)
+      else:
+        from feallm_jax.data import instructions
+        t = task or s.tasks[0]
+        avail = instructions.available_tasks(rec)
+        if t not in avail:
+          if not avail:
+            raise Unfit("no_task", f"record {rec['id']!r}: its labels allow no task")
+          t = avail[0]
+        conv = instructions.make_conversation(rec, t, int(rng.integers(1 << 31)))
+        task_id = instructions.TASKS.index(t)
+      ids, ref, prompt = _encode(tok, tokenizer_lib.encode_prompt, conv, rec["id"])
+      n_img = int((ids == img_id).sum())
+      if n_img != 1:
+        raise Unfit("image_token_count", f"record {rec['id']!r}: the prompt holds {n_img} "
+                    f"{tokenizer_lib.IMAGE_TOKEN} tokens")
+      ids, _, cut = fit_length(ids, np.zeros_like(ids), s.max_len, img_id, keep_tail=True)
+    except Unfit as e:
+      unfit, cut = e.reason, False
+      views, ids = _blank_views(s), np.asarray([img_id], np.int32)
+      if real:
+        log.warning("eval %s: prompt %r cannot be fitted (%s: %s); scored as unanswerable",
+                    self.dataset, rec["id"], e.reason, e)
     n = len(ids)
     input_ids = np.full(s.max_len, tok.pad_token_id, np.int32)
     input_ids[s.max_len - n:] = ids
     attn = np.zeros(s.max_len, np.int32)
     attn[s.max_len - n:] = 1
     batch = dict(**views, input_ids=input_ids, attention_mask=attn,
-                 example_mask=np.int32(real), emotion=np.int32(rec["emotion"]),
+                 example_mask=np.int32(real and unfit is None), emotion=np.int32(rec["emotion"]),
                  au_present=_au_vector(rec), task=np.int32(task_id), truncated=np.int32(cut))
+    if task_id == FREE_FORM_TASK and task is not None:
+      from feallm_jax.data import instructions
+      task_id = instructions.TASKS.index(task)   # an unfit generated prompt keeps its task
     meta = dict(id=rec["id"], task=(None if task_id == FREE_FORM_TASK else
                                     _task_name(task_id)), prompt=prompt[-1]["content"]
                 if prompt else "", reference=ref, emotion=int(rec["emotion"]),
                 au_present=_au_vector(rec).tolist(), label_set=label_set(self.dataset),
-                dataset=self.dataset, real=real, position=int(gpos))
+                dataset=self.dataset, real=real, position=int(gpos), unfit=unfit)
     return batch, meta
 
 
@@ -521,7 +1033,7 @@ def eval_batches(config, *, dataset: str | None = None, split: str = "test",
   pi, pc = _process()
   pi = pi if process_index is None else process_index
   pc = pc if process_count is None else process_count
-  src = data_source(config, dataset, split) if source is None else source
+  src = data_source(config, dataset, split, decode_images=False) if source is None else source
   rows = eval_rows(src, tasks, num_samples)
   spec = _spec(config, len(src), train=False, seed=int(config.seed), tasks=tasks)
   ds = ProcessRows(_Rows(rows, B), B, pi, pc)

@@ -181,6 +181,32 @@ def sample_expression(rng: np.random.Generator, emotion: str) -> dict[int, float
   return aus
 
 
+def toggleable_aus(emotion: str, aus: Mapping[int, float]) -> tuple[int, ...]:
+  """AUs that can be switched on or off in a face of `emotion` without changing what it shows:
+  the prototype's optional AUs and the emotion's extras (never a required AU, never one of a
+  competing emotion). AU25 stays while AU26/AU16 part the lips."""
+  emotion = facs.emotion_name(emotion)
+  if emotion == "neutral":
+    return ()
+  cands = (set(facs.EMFACS_PROTOTYPES[emotion]) - REQUIRED_AUS[emotion]) | set(EXTRA_AUS[emotion])
+  if {16, 26} & set(aus):
+    cands.discard(25)
+  return tuple(sorted(cands))
+
+
+def toggle(aus: Mapping[int, float], au: int, rng: np.random.Generator) -> dict[int, float]:
+  """`aus` with `au` switched off (if on) or on at a fresh intensity (if off); switching on
+  AU26/AU16 also switches on AU25, as `sample_expression` does."""
+  out = dict(aus)
+  if au in out:
+    del out[au]
+  else:
+    out[au] = float(np.round(rng.uniform(MIN_INTENSITY, 5.0), 2))
+    if au in (16, 26):
+      out[25] = max(out.get(25, 0.0), out[au])
+  return dict(sorted(out.items()))
+
+
 # --- geometry ------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -563,6 +589,17 @@ def generate(index: int, *, split: str = "train", seed: int = 0, image_size: int
     raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
   if index < 0:
     raise ValueError(f"index must be >= 0, got {index}")
+  emotion, ident, aus, pose, rng = draw(index, split=split, seed=seed, emotions=emotions)
+  image, landmarks = render(ident, aus, pose=pose, image_size=image_size,
+                            unilateral=emotion in facs.UNILATERAL_EMOTIONS, rng=rng)
+  return make_record(index, split, seed, emotion, ident, aus, image, landmarks)
+
+
+def draw(index: int, *, split: str = "train", seed: int = 0,
+         emotions: Sequence[str] = facs.RAF_DB):
+  """What `generate` draws for a record before rendering: (emotion, identity, AU intensities,
+  pose, the rng the renderer continues with). Exposed so variants of one face (stage 0's
+  minimal pairs) can be rendered with the same person, pose and lighting."""
   names = [facs.emotion_name(e) for e in emotions]
   n = len(names)
   block = np.random.default_rng([seed, SPLITS[split], 2, index // n]).permutation(n)
@@ -571,8 +608,12 @@ def generate(index: int, *, split: str = "train", seed: int = 0, image_size: int
   subject_index = int(rng.integers(NUM_IDENTITIES[split]))
   ident = make_identity(split, subject_index, seed)
   aus = sample_expression(rng, emotion)
-  image, landmarks = render(ident, aus, pose=_pose(rng), image_size=image_size,
-                            unilateral=emotion in facs.UNILATERAL_EMOTIONS, rng=rng)
+  return emotion, ident, aus, _pose(rng), rng
+
+
+def make_record(index: int, split: str, seed: int, emotion: str, ident: Identity,
+           aus: Mapping[int, float], image: np.ndarray, landmarks: np.ndarray) -> dict:
+  """The record dict (docs/interfaces.md fields) of a rendered face."""
   intensity = np.zeros(len(facs.ALL_AUS), np.float32)
   for au, v in aus.items():
     intensity[facs.au_index(au)] = v

@@ -5,7 +5,6 @@ Shared by ``launch/predict.py --explain`` and the Colab notebook.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -60,6 +59,21 @@ def save_overlay(path: str, face: np.ndarray, boxes: np.ndarray, scores: np.ndar
   ax = fig.subplots()
   draw_overlay(ax, face, boxes, scores, names, title)
   fig.tight_layout()
-  buf = io.BytesIO()               # rendered in memory, written through epath (local or gs://)
-  fig.savefig(buf, format=os.path.splitext(str(path))[1][1:].lower() or "png")
-  paths.path(path).write_bytes(buf.getvalue())
+  from feallm_jax.eval import report
+  report.save_figure(fig, path)        # local or gs://
+
+
+def overlay_path(workdir: str, image: str, out: str = "") -> str:
+  """Where ``predict --explain`` saves its overlay: ``out``, else
+  ``<workdir>/predictions/<image stem>_regions.png`` (never the current directory); the
+  folder is created (local or gs://)."""
+  if out:
+    path = paths.resolve(out)
+  else:
+    stem = os.path.splitext(os.path.basename(image))[0]
+    run_dir = paths.resolve(workdir)
+    if os.path.basename(os.path.dirname(run_dir)) == "checkpoints":   # a checkpoints/<step> dir
+      run_dir = os.path.dirname(os.path.dirname(run_dir))
+    path = os.path.join(run_dir, "predictions", f"{stem}_regions.png")
+  paths.path(path).parent.mkdir(parents=True, exist_ok=True)
+  return path

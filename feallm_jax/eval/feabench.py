@@ -13,8 +13,20 @@ Modes:
   log-likelihood after the prompt (``generate.score_candidates``): nothing to parse. Tasks that
   also need AUs or free text (aur, joint, reasoning) still generate for those parts.
 
-``evaluate(config, workdir, ...)`` restores a training checkpoint; ``evaluate_model(model,
-config, ...)`` takes a live model (the training loop's periodic eval, notebooks).
+A prompt that cannot be fitted into ``data.max_len`` (``pipeline.Unfit``: its ``<image>`` past
+``max_len``, an undecodable image, ...) is scored as unanswerable: no prediction (wrong), and
+counted per task (``unanswerable``) and per reason (``num_unanswerable``, ``unanswerable``).
+
+``evaluate(config, workdir, ...)`` restores a training checkpoint (or, with ``model=``, takes the
+training loop's live state as that step: the loop's periodic and final evaluations);
+``evaluate_model(model, config, ...)`` takes a live model and writes no index (notebooks).
+
+Where results go (``eval/store.py``): every evaluation gets its own folder,
+``<workdir>/eval/step_<N>_<mode>_<suites>[-<tasks>]_n<samples>_<key>``, where ``key`` hashes the
+settings that change the numbers (``eval_settings``, recorded in results.json as ``settings``);
+re-running the same evaluation replaces its own folder (and says so), anything else is refused.
+``evaluate`` also appends a line to ``<workdir>/eval/index.jsonl`` and logs the headline metrics
+to ``metrics.jsonl`` / TensorBoard under ``eval/<mode>/<suite>/<task>/<metric>``.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import numpy as np
 from feallm_jax import paths
 from feallm_jax.data import facs
 from feallm_jax.eval import generate as gen
-from feallm_jax.eval import metrics, parse, report
+from feallm_jax.eval import metrics, parse, store
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +190,8 @@ def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.Sam
     yield from batches
 
   for batch, metas in _progress(chain(), f"{suite.name} ({mode})", progress):
+    # Rows the model answers; a real row whose prompt could not be fitted (meta "unfit") is
+    # recorded below as unanswerable: no prediction, so it counts as wrong.
     real = np.asarray(batch["example_mask"]).astype(bool)
     tasks = [m["task"] for m in metas]
     need_text = mode == "generate" or any(t in AU_TASKS or t is None
@@ -191,16 +205,21 @@ def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.Sam
       scores = gen.score_candidates(model, batch, *cand,
                                     reduction=str(e.get("score_reduction", "sum")))
     for i, meta in enumerate(metas):
-      if not real[i]:
+      unfit = meta.get("unfit")
+      if not (real[i] or (meta["real"] and unfit)):
         continue
       task = meta["task"] or "free"
-      text = texts[i]
+      text = None if unfit else texts[i]
       true_emotion = facs.EMOTIONS[meta["emotion"]] if meta["emotion"] >= 0 else None
       rec: dict[str, Any] = dict(id=meta["id"], task=task, prompt=meta["prompt"],
                                  reference=meta["reference"], prediction=text)
+      if unfit:
+        rec["unanswerable"] = unfit
       if emotions and task in EMOTION_TASKS:
         rec["emotion_true"] = true_emotion if true_emotion in emotions else None
-        if scores is not None:
+        if unfit:
+          rec["emotion_pred"] = None
+        elif scores is not None:
           rec["emotion_pred"] = emotions[int(scores.pred[i])]
           rec["emotion_probs"] = {lab: float(p) for lab, p in zip(emotions, scores.probs[i])}
         else:
@@ -230,8 +249,9 @@ def suite_metrics(records: Sequence[Mapping[str, Any]], suite: Suite, mode: str)
   summary: dict[str, Any] = {}
   for task in dict.fromkeys(r["task"] for r in records):
     rows = [r for r in records if r["task"] == task]
-    per: dict[str, Any] = {"num_samples": len(rows)}
-    summ: dict[str, Any] = {"num_samples": len(rows)}
+    unanswerable = sum(bool(r.get("unanswerable")) for r in rows)
+    per: dict[str, Any] = {"num_samples": len(rows), "unanswerable": unanswerable}
+    summ: dict[str, Any] = {"num_samples": len(rows), "unanswerable": unanswerable}
     if emotions and task in EMOTION_TASKS:
       judged = [r for r in rows if r["emotion_true"] is not None]
       y_true = [emotions.index(r["emotion_true"]) for r in judged]
@@ -260,26 +280,23 @@ def suite_metrics(records: Sequence[Mapping[str, Any]], suite: Suite, mode: str)
       summ.update(emfacs_consistency=cons["rate"], rouge_l=per["rouge_l"])
     tasks[task] = per
     summary[task] = summ
+  unfit: dict[str, int] = {}
+  for r in records:
+    if r.get("unanswerable"):
+      unfit[r["unanswerable"]] = unfit.get(r["unanswerable"], 0) + 1
   return dict(dataset=suite.dataset, split=suite.split, mode=mode,
-              num_samples=len(records), tasks=tasks, summary=summary)
+              num_samples=len(records), num_unanswerable=sum(unfit.values()),
+              unanswerable=unfit, tasks=tasks, summary=summary)
 
 
-# --- entry points ----------------------------------------------------------------------------------
+# --- what an evaluation is --------------------------------------------------------------------
 
-def evaluate_model(model, config, suites: Sequence[str] | str | None = None,
-                   mode: str | None = None, out_dir: str | None = None, *,
-                   progress: bool = True, meta: Mapping[str, Any] | None = None,
-                   tasks: Sequence[str] | None = None) -> dict:
-  """Evaluates a live model on ``suites``; writes every output to ``out_dir`` when given.
-
-  ``tasks`` (optional) keeps only those tasks of each suite (e.g. ``("fer",)`` for a
-  closed-set FER pass in score mode). Returns ``{"meta": ..., "suites": {name: metrics}}``
-  (plus ``"files"`` when written).
-  """
-  from feallm_jax.data import tokenizer as tok_lib
+def plan(config, suites: Sequence[str] | str | None = None, mode: str | None = None,
+         tasks: Sequence[str] | None = None) -> tuple[str, list[Suite]]:
+  """``(mode, suites)`` after defaults and the ``tasks`` restriction; bad names fail here."""
   mode = mode or str(config.eval.get("mode", "generate"))
   if mode not in MODES:
-    raise ValueError(f"eval mode must be one of {MODES}, got {mode!r}")
+    raise ValueError(f"eval mode must be one of {MODES}, got {mode!r} (--mode)")
   chosen = resolve_suites(suites, config)
   if tasks is not None:
     chosen = [dataclasses.replace(s, tasks=tuple(t for t in s.tasks if t in tasks))
@@ -287,16 +304,94 @@ def evaluate_model(model, config, suites: Sequence[str] | str | None = None,
     chosen = [s for s in chosen if s.tasks]
     if not chosen:
       raise ValueError(f"tasks={tuple(tasks)}: no suite has any of them")
+  return mode, chosen
+
+
+def eval_settings(config, suites: Sequence[Suite], mode: str,
+                  tasks: Sequence[str] | None = None,
+                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Every setting that changes an evaluation's numbers (its folder key hashes exactly these).
+
+  The prompt seed picks the instruction wording (and seeds sampling); generation settings count
+  only when something is generated (score mode on FER alone generates nothing), the score
+  reduction only when candidates are scored. Batch size is left out: it changes no number.
+  """
+  e, d = config.eval, config.data
+  all_tasks = {t for s in suites for t in s.tasks}
+  generates = mode == "generate" or bool(all_tasks & set(AU_TASKS))
+  scores = mode == "score" and bool(all_tasks & set(EMOTION_TASKS))
+  data: dict[str, Any] = dict(max_len=int(d.max_len), regions=str(d.get("regions", "canonical")),
+                              lca_image_size=int(d.get("lca_image_size", 0) or 0))
+  if any(s.dataset == d.dataset for s in suites):      # pipeline.data_source uses it then
+    data["builder_config"] = str(d.get("builder_config", "") or "")
+  out: dict[str, Any] = dict(
+      suites={s.name: dict(dataset=s.dataset, split=s.split, tasks=list(s.tasks))
+              for s in suites},
+      tasks=sorted(tasks) if tasks is not None else None,
+      num_samples=int(e.get("num_samples", 0) or 0),
+      seed=int(config.get("seed", 0)), data=data)
+  if generates:
+    out["generation"] = dict(max_new_tokens=int(e.get("max_new_tokens", 48)),
+                             temperature=float(e.get("temperature", 0.0)),
+                             top_p=float(e.get("top_p", 1.0)))
+  if scores:
+    out["score_reduction"] = str(e.get("score_reduction", "sum"))
+  out.update(extra or {})
+  return out
+
+
+def model_size(model, config, step: int | None) -> dict[str, Any]:
+  """Trainable / frozen parameters and the analytic training FLOPs up to ``step`` (model FLOPs
+  per padded example, ``flops.train_step``, x ``data.batch_size`` x steps): the x axes of a
+  scaling comparison."""
+  spec = getattr(model, "spec", None)
+  if spec is None:
+    return {}
+  from feallm_jax import flops
+  from feallm_jax.models import feallm
+  counts = feallm.parameter_counts(model, spec)["total"]
+  per_example = flops.train_step(spec, int(config.data.max_len))["total"]
+  out = dict(trainable_params=int(counts["trainable"]), frozen_params=int(counts["frozen"]),
+             train_flops_per_example=float(per_example))
+  if step is not None:
+    out["train_flops"] = float(per_example) * int(config.data.batch_size) * int(step)
+  return out
+
+
+# --- entry points ----------------------------------------------------------------------------------
+
+def evaluate_model(model, config, suites: Sequence[str] | str | None = None,
+                   mode: str | None = None, out_dir: str | None = None, *,
+                   progress: bool = True, meta: Mapping[str, Any] | None = None,
+                   tasks: Sequence[str] | None = None,
+                   extra_settings: Mapping[str, Any] | None = None) -> dict:
+  """Evaluates a live model on ``suites``; writes every output to ``out_dir`` when given.
+
+  ``tasks`` (optional) keeps only those tasks of each suite (e.g. ``("fer",)`` for a
+  closed-set FER pass in score mode). Returns ``{"meta": ..., "settings": ..., "suites":
+  {name: metrics}}`` (plus ``"files"`` when written). An ``out_dir`` that holds another
+  evaluation is refused before anything runs (``store.EvalConflictError``); one that holds this
+  same evaluation is replaced.
+  """
+  from feallm_jax import preflight
+  from feallm_jax.data import tokenizer as tok_lib
+  config = preflight.resolve_backbones(config)   # image size etc. from the towers' checkpoints
+  mode, chosen = plan(config, suites, mode, tasks)
+  settings = eval_settings(config, chosen, mode, tasks, extra_settings)
+  meta = dict(meta or {})
+  results: dict[str, Any] = {"meta": dict(meta, mode=mode, config=str(config.get("name", "")),
+                                          key=store.settings_key(settings)),
+                             "settings": settings}
+  results["meta"].update(model_size(model, config, meta.get("step")))
+  writes = bool(out_dir) and _is_writer()
+  if writes:
+    store.check_target(out_dir, store.identity(results))
   tok = tok_lib.load(config.data.get("tokenizer", ""))
   e = config.eval
   sampling = gen.SamplingConfig(
       max_new_tokens=int(e.get("max_new_tokens", 48)),
       temperature=float(e.get("temperature", 0.0)), top_p=float(e.get("top_p", 1.0)),
       eos_ids=eos_ids(tok), pad_id=int(tok.pad_token_id), seed=int(config.get("seed", 0)))
-  results: dict[str, Any] = {"meta": dict(meta or {}, mode=mode,
-                                          config=str(config.get("name", "")),
-                                          max_new_tokens=sampling.max_new_tokens,
-                                          temperature=sampling.temperature)}
   results["suites"] = {}
   predictions = {}
   for suite in chosen:
@@ -307,9 +402,15 @@ def evaluate_model(model, config, suites: Sequence[str] | str | None = None,
     results["suites"][suite.name] = res
     predictions[suite.name] = records
     log.info("%s: %s", suite.name, res["summary"])
-  if out_dir:
-    results["files"] = report.write_all(out_dir, results, predictions)
+  if writes:
+    results["files"], results["replaced"] = store.write_results(out_dir, results, predictions)
   return results
+
+
+def _is_writer() -> bool:
+  """Only process 0 writes result files and the index (every process computes the metrics)."""
+  import jax
+  return jax.process_index() == 0
 
 
 def resolve_checkpoint(workdir: str, checkpoint: int | str | None) -> tuple[str, int | None]:
@@ -330,37 +431,79 @@ def resolve_checkpoint(workdir: str, checkpoint: int | str | None) -> tuple[str,
 
 
 def load_model(config, workdir: str, checkpoint: int | str | None = None, mesh=None):
-  """Builds the model for ``config`` and restores a run's trained weights; returns (model, step)."""
-  from feallm_jax import sharding
+  """Builds the model for ``config`` and restores a run's trained weights; returns (model, step).
+
+  The model comes back with dropout off (``layers.with_dropout``): it is for evaluation,
+  generation and ``predict --explain``'s forward pass."""
+  from feallm_jax import preflight, sharding
   from feallm_jax.models import feallm
   from feallm_jax.train import checkpoint as ckpt_lib
+  config = preflight.resolve_backbones(config)
   run_dir, step = resolve_checkpoint(workdir, checkpoint)
   if not (paths.path(run_dir) / "checkpoints").exists():
     raise FileNotFoundError(f"{run_dir}: no checkpoints/ directory (train first with "
                             f"launch/train.py --workdir={run_dir})")
   mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
-  model = feallm.build_model(config, mesh)
+  model = feallm.build_model(config, mesh, log=False)   # the training run showed its table
   step = ckpt_lib.restore_weights(model, config, run_dir, trainable=feallm.trainable_filter(config),
                                   step=step)
-  return model, step
+  from feallm_jax.models import layers
+  return layers.with_dropout(model, False), step
 
 
 def evaluate(config, workdir: str, checkpoint: int | str | None = None,
              suites: Sequence[str] | str | None = None, mode: str | None = None, *,
              out_dir: str | None = None, progress: bool = True,
-             tasks: Sequence[str] | None = None, model=None) -> dict:
+             tasks: Sequence[str] | None = None, logger=None, model=None) -> dict:
   """Restores ``workdir``'s checkpoint (latest unless given) and evaluates it.
 
-  Outputs go to ``out_dir`` (default ``<workdir>/eval/step_<step>``). ``model`` (the training
-  loop's live state, ``Trainer.merge``) is evaluated as step ``checkpoint`` instead of restoring
-  it: nothing is rebuilt and the base weights are not read again.
+  Outputs go to ``out_dir`` (default ``<workdir>/eval/<store.folder_name(step, mode,
+  settings)>``; ``workdir`` local or ``gs://``); the evaluation is appended to
+  ``<workdir>/eval/index.jsonl`` and its headline metrics are logged through ``logger`` (a
+  ``train.metrics_log.MetricsLogger``; one is opened on ``workdir`` when None) as
+  ``eval/<mode>/<suite>/<task>/<metric>``. Suite names and their datasets are checked before the
+  model is built (``preflight.check_suites``).
+
+  ``model`` (the training loop's live state, ``Trainer.merge``) is evaluated as step
+  ``checkpoint`` of ``workdir`` instead of restoring it: nothing is rebuilt and the base weights
+  are not read again. Its folder, key and numbers are those an offline evaluation of the saved
+  step gives.
   """
+  from feallm_jax import compile_cache, console, preflight
+  from feallm_jax.train import metrics_log
+  console.setup_once()
+  compile_cache.enable_once(config)
+  problems = preflight.check_suites(config, suites, flag="--suites" if suites is not None
+                                    else "--config.eval.suites")
+  if problems:
+    raise preflight.PreflightError(problems)
+  mode, chosen = plan(config, suites, mode, tasks)     # bad names fail before the restore
+  workdir = paths.resolve(workdir)                      # a gs:// URL stays a URL
   if model is None:
+    run_dir, _ = resolve_checkpoint(workdir, checkpoint)
+    run_dir = paths.resolve(run_dir)
     model, step = load_model(config, workdir, checkpoint)
   elif isinstance(checkpoint, (int, np.integer)) or str(checkpoint).isdigit():
-    step = int(checkpoint)
+    run_dir, step = workdir, int(checkpoint)
   else:
-    raise ValueError(f"evaluate(model=...): checkpoint must be the model's step, got {checkpoint!r}")
-  out_dir = out_dir or os.path.join(workdir, "eval", f"step_{step}")
-  return evaluate_model(model, config, suites, mode, out_dir, progress=progress,
-                        meta=dict(step=step, workdir=paths.resolve(workdir)), tasks=tasks)
+    raise ValueError(f"evaluate(model=...): checkpoint must be the model's step, got "
+                     f"{checkpoint!r}")
+  extra = {"checkpoint_run": run_dir} if run_dir != workdir else None
+  if not out_dir:
+    settings = eval_settings(config, chosen, mode, tasks, extra)
+    out_dir = os.path.join(store.eval_dir(workdir), store.folder_name(step, mode, settings))
+  results = evaluate_model(model, config, [s.name for s in chosen], mode, out_dir,
+                           progress=progress, tasks=tasks, extra_settings=extra,
+                           meta=dict(step=step, workdir=workdir, checkpoint=run_dir))
+  if "files" in results:
+    entry = store.index_entry(results, out_dir, workdir, replaced=results["replaced"])
+    results["files"]["index"] = store.append_index(workdir, entry)
+    log.info("evaluation %s indexed in %s", entry["path"], results["files"]["index"])
+  own = logger is None
+  logger = logger or metrics_log.MetricsLogger(workdir, total_steps=0, progress=False)
+  try:
+    logger.log(step, store.headline(results), kind=f"eval/{mode}")
+  finally:
+    if own:
+      logger.close()
+  return results

@@ -13,6 +13,8 @@ Works on a bare ``llm.Decoder`` (text prompts) and on a FEALLM (anything with
 Inputs are placed batch-sharded over ``data x fsdp`` of the mesh; the batch is padded with
 empty rows to a multiple of that size and the padding is cut off again.
 
+Both run the model with dropout off (``layers.with_dropout``): LoRA dropout is for training only.
+
 Closed-set scoring (``score_candidates``) never needs parsing: every candidate answer (e.g. the
 seven emotion labels as answer strings) is scored by its log-likelihood after the shared prompt.
 One prefill fills the cache; each candidate then runs as one teacher-forced pass that reads the
@@ -37,6 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from feallm_jax import sharding as sharding_lib
+from feallm_jax.models import layers
 
 PROMPT_KEYS_VISION = ("image", "regions", "input_ids", "attention_mask")
 OPTIONAL_KEYS_VISION = ("lca_image",)   # the face at the LCA's resolution (data.lca_image_size)
@@ -248,7 +251,7 @@ def generate(model: nnx.Module, inputs: Mapping[str, Any], cfg: SamplingConfig,
   """
   mesh = mesh if mesh is not None else _mesh_of(model)
   placed, b = _prepare(model, inputs, mesh)
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(layers.with_dropout(model, False))
   args = (graphdef, state, placed, jax.random.key(cfg.seed),
           jnp.asarray(cfg.eos_ids or (-1,), jnp.int32), jnp.int32(cfg.pad_id),
           jnp.float32(max(cfg.temperature, 1e-6)), jnp.float32(cfg.top_p))
@@ -341,7 +344,7 @@ def score_candidates(model: nnx.Module, inputs: Mapping[str, Any], cand_ids: np.
     raise ValueError(f"score: reduction must be 'sum' or 'mean', got {reduction!r}")
   mesh = mesh if mesh is not None else _mesh_of(model)
   placed, b = _prepare(model, inputs, mesh)
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(layers.with_dropout(model, False))
   ids = jnp.asarray(cand_ids, jnp.int32)
   m = jnp.asarray(cand_mask, jnp.int32)
   if mesh is not None:

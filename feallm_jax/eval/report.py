@@ -61,6 +61,7 @@ def _fmt(x: Any, pct: bool = True) -> str:
 # Columns of the markdown table: (header, summary key, shown as percent).
 COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("n", "num_samples", False),
+    ("unanswerable", "unanswerable", False),
     ("acc", "accuracy", True),
     ("macro-F1", "macro_f1", True),
     ("UAR", "uar", True),
@@ -79,13 +80,17 @@ def markdown(results: Mapping[str, Any]) -> str:
   if meta:
     lines += [", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))),
               ""]
+  if results.get("settings"):
+    lines += ["Settings (key " + str(meta.get("key", "")) + "): `"
+              + json.dumps(_jsonable(results["settings"]), sort_keys=True) + "`", ""]
   lines.append("| suite | task | " + " | ".join(c[0] for c in COLUMNS) + " |")
   lines.append("|---|---|" + "---|" * len(COLUMNS))
   for suite, res in results.get("suites", {}).items():
     for task, summ in res.get("summary", {}).items():
       cells = [_fmt(summ.get(key), pct) for _, key, pct in COLUMNS]
       lines.append(f"| {suite} | {task} | " + " | ".join(cells) + " |")
-  lines += ["", "Rates in percent; unparseable answers count as wrong (and are counted). "
+  lines += ["", "Rates in percent; unparseable answers count as wrong (and are counted), and so "
+            "do unanswerable prompts (too long for data.max_len or an undecodable image). "
             "'–' = the task has no such label."]
   for suite, res in results.get("suites", {}).items():
     for task, per in res.get("tasks", {}).items():
@@ -126,33 +131,49 @@ def confusion_png(path: str, confusion: Sequence[Sequence[int]], labels: Sequenc
   if title:
     ax.set_title(title, fontsize=9)
   fig.tight_layout()
+  save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+  """Saves a matplotlib figure to ``path``, local or gs:// (rendered in memory, written through
+  epath; the format follows the extension, PNG without one)."""
   buf = io.BytesIO()
-  fig.savefig(buf, format="png")
+  fig.savefig(buf, format=os.path.splitext(str(path))[1][1:].lower() or "png")
   paths.path(path).write_bytes(buf.getvalue())
 
 
 def write_all(out_dir: str, results: Mapping[str, Any],
-              predictions: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
-  """Writes every output under ``out_dir`` (local or gs://); returns ``{kind: path(s)}``."""
+              predictions: Mapping[str, Sequence[Mapping[str, Any]]], *,
+              final_dir: str | None = None) -> dict[str, Any]:
+  """Writes every output under ``out_dir`` (local or gs://); returns ``{kind: path(s)}``.
+
+  ``final_dir``: where the folder will live once moved into place (``eval/store.py`` writes
+  into a hidden sibling first); the paths returned and recorded in results.json are under it.
+  """
   paths.path(out_dir).mkdir(parents=True, exist_ok=True)
-  files: dict[str, Any] = {"results_json": os.path.join(out_dir, "results.json"),
-                           "results_md": os.path.join(out_dir, "results.md"),
+  final = final_dir or out_dir
+
+  def where(name: str) -> tuple[str, str]:
+    return os.path.join(out_dir, name), os.path.join(final, name)
+
+  files: dict[str, Any] = {"results_json": where("results.json")[1],
+                           "results_md": where("results.md")[1],
                            "predictions": {}, "confusion": {}}
   for suite, rows in predictions.items():
-    path = os.path.join(out_dir, f"predictions_{suite}.jsonl")
+    path, shown = where(f"predictions_{suite}.jsonl")
     write_jsonl(path, rows)
-    files["predictions"][suite] = path
+    files["predictions"][suite] = shown
   for suite, res in results.get("suites", {}).items():
     for task, per in res.get("tasks", {}).items():
       emo = per.get("emotion")
       if not emo or not emo.get("num_samples"):
         continue
-      path = os.path.join(out_dir, f"confusion_{suite}_{task}.png")
+      path, shown = where(f"confusion_{suite}_{task}.png")
       confusion_png(path, emo["confusion"], emo["labels"], emo.get("unparsed_per_class"),
                     title=f"{suite} / {task}: acc {100 * emo['accuracy']:.1f}%, "
                           f"UAR {100 * emo['uar']:.1f}%")
-      files["confusion"][f"{suite}/{task}"] = path
-  with paths.path(files["results_md"]).open("w") as f:
+      files["confusion"][f"{suite}/{task}"] = shown
+  with paths.path(where("results.md")[0]).open("w") as f:
     f.write(markdown(results))
-  write_json(files["results_json"], {**results, "files": files})
+  write_json(where("results.json")[0], {**results, "files": files})
   return files

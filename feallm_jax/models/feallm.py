@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from feallm_jax import sharding
@@ -347,13 +347,26 @@ def trainable_filter(config_or_spec):
 # ---------------------------------------------------------------------------------------------
 # Building.
 
+def model_rngs(key: jax.Array) -> nnx.Rngs:
+  """The streams a FEALLM is built with: ``params`` (weight init) and ``dropout`` (LoRA dropout
+  masks; its per-layer keys and counters are model state that the train step carries and the
+  checkpoint saves). Both derive from one key, so a seed fixes initialization and masks."""
+  return nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 0x64726F70))   # "drop"
+
+
+def _constructor(spec: FEALLMSpec, key: jax.Array):
+  """The one way a FEALLM is constructed: :func:`build_from_spec` and :func:`abstract_model`
+  share it, so an abstract build exercises exactly what a real build runs."""
+  return lambda: FEALLM(spec, rngs=model_rngs(key))
+
+
 def build_from_spec(spec: FEALLMSpec, mesh, *, rngs: nnx.Rngs | int | None = None,
                     vision_path: str = "", llm_path: str = "", base_checkpoint: str = "",
                     log: bool = True) -> FEALLM:
   """Abstract build -> rule validation -> jitted init straight into shardings -> weights."""
   # A concrete key, so the init below can run under jit (an Rngs object cannot be closed over).
   key = rngs.params() if isinstance(rngs, nnx.Rngs) else jax.random.key(rngs or 0)
-  make = lambda: FEALLM(spec, rngs=nnx.Rngs(params=key))
+  make = _constructor(spec, key)
   meta = {}
   if base_checkpoint:
     from feallm_jax.weights import base_checkpoint as bc
@@ -383,24 +396,25 @@ def build_from_spec(spec: FEALLMSpec, mesh, *, rngs: nnx.Rngs | int | None = Non
     raise ValueError(f"build_model: {len(missing)} variable(s) were neither initialized nor "
                      f"loaded, e.g. {missing[:5]}")
   if log:
-    logging.info("FEALLM parameters:\n%s", parameter_overview(model, spec))
+    logging.getLogger(__name__).info("FEALLM parameters:\n%s", parameter_overview(model, spec))
   return model
 
 
-def build_model(config, mesh, *, rngs: nnx.Rngs | None = None) -> FEALLM:
-  """The model for ``config`` on ``mesh`` (vocab from the tokenizer when llm.vocab_size == 0)."""
+def build_model(config, mesh, *, rngs: nnx.Rngs | None = None, log: bool = True) -> FEALLM:
+  """The model for ``config`` on ``mesh`` (vocab from the tokenizer when llm.vocab_size == 0);
+  ``log`` prints the parameter table."""
   spec = spec_from_config(config)
   m = config.model
   base = m.get("base_checkpoint", "")
   return build_from_spec(spec, mesh, rngs=rngs if rngs is not None else int(config.get("seed", 0)),
                          vision_path=m.vision.get("hf_path", ""), llm_path=m.llm.get("hf_path", ""),
-                         base_checkpoint=base)
+                         base_checkpoint=base, log=log)
 
 
 def abstract_model(spec: FEALLMSpec, mesh) -> FEALLM:
   """Shapes, dtypes and shardings only (allocates nothing): for real-size checks and restores."""
   with sharding.mesh_rules(mesh):
-    model = nnx.eval_shape(lambda: FEALLM(spec, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(_constructor(spec, jax.random.key(0)))
     sharding.validate_rules(model, mesh)
   return model
 

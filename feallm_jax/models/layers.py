@@ -26,6 +26,17 @@ class BaseParam(nnx.Param):
   """A pretrained backbone weight (vision encoder, LLM). Frozen unless its tower is unfrozen."""
 
 
+def with_dropout(model: nnx.Module, enabled: bool) -> nnx.Module:
+  """A view of ``model`` (the same arrays) with every dropout layer on (training) or off
+  (evaluation, scoring, generation, export).
+
+  Why a view: one built model serves both modes without being rebuilt or mutated, and the flag
+  is static (it lives in the graphdef), so each mode compiles once. The train step takes the
+  "on" view of whatever model it is given; every evaluation entry point takes the "off" view.
+  """
+  return nnx.view(model, only=nnx.Dropout, deterministic=not enabled, raise_if_not_found=False)
+
+
 def param(param_type: type[nnx.Variable], init: Callable, key: jax.Array, shape: Sequence[int],
           dtype: Dtype, axes: Axes) -> nnx.Variable:
   """Creates a variable with logical-axis sharding metadata (sharded at creation under a mesh)."""

@@ -352,7 +352,10 @@ class Decoder(nnx.Module):
     angles = positions.astype(jnp.float32)[..., None] * inv
     cos, sin = jnp.cos(angles), jnp.sin(angles)
 
-    run = _remat_layer if self.remat else _run_layer
+    # Remat only pays under a gradient; decoding from a cache never takes one, and there its
+    # write-back of RNG state would cross the decode loop's trace (TraceContextError with
+    # dropout layers present, i.e. the paper config's LoRA).
+    run = _remat_layer if self.remat and cache is None else _run_layer
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = (cache.k[i], cache.v[i]) if cache is not None else None

@@ -113,7 +113,9 @@ def _fit(model: nnx.Module, loss: Callable, batches: Iterator, *, steps: int, lr
 # --- vision ------------------------------------------------------------------------------------
 
 def _clip_batches(data: dict[str, np.ndarray], tok, vcfg: vision_lib.VisionConfig, batch: int,
-                  max_len: int, seed: int) -> Iterator[tuple]:
+                  max_len: int, seed: int, pair_fraction: float = 0.0) -> Iterator[tuple]:
+  """Batches of (pixels, caption ids, mask, content group). With `pair_fraction` > 0 (data
+  rendered with `pairs`), that share of each batch is whole minimal pairs (rows 2k, 2k+1)."""
   rng = np.random.default_rng([seed, 5])
   aug = pipeline.Augment()
   idents: dict[tuple[int, int], synthetic.Identity] = {}
@@ -124,8 +126,14 @@ def _clip_batches(data: dict[str, np.ndarray], tok, vcfg: vision_lib.VisionConfi
       idents[key] = synthetic.make_identity("train", key[1], key[0])
     return idents[key]
   n = len(data["emotion"])
+  n_pairs = int(round(batch * pair_fraction / 2))
+  if n_pairs and n % 2:
+    raise ValueError("pair_fraction > 0 needs faces rendered as minimal pairs "
+                     "(--config.minimal_pairs=True)")
   while True:
-    idx = rng.integers(0, n, batch)
+    first = 2 * rng.integers(0, n // 2, n_pairs)
+    idx = np.concatenate([np.stack([first, first + 1], 1).reshape(-1),
+                          rng.integers(0, n, batch - 2 * n_pairs)])
     px, caps, groups = [], [], []
     for j in idx:
       rec = dict(image=data["image"][j], has_landmarks=False, id="stage0")
@@ -232,7 +240,7 @@ def train_vision(config, data: dict[str, np.ndarray], tok, on_log=None) -> tuple
     model = clip.CLIP(vcfg, tcfg, int(c.embed_dim), rngs=nnx.Rngs(int(config.seed)))
     hist = _fit(model, clip.contrastive_loss,
                 _clip_batches(data, tok, vcfg, int(c.batch_size), int(c.max_len),
-                              int(config.seed)),
+                              int(config.seed), float(c.get("pair_fraction", 0.0))),
                 steps=int(c.steps), lr=float(c.lr), weight_decay=float(c.weight_decay),
                 warmup=int(c.warmup), name="vision (CLIP)",
                 on_log=None if on_log is None else lambda i, m: on_log(i, m.vision))
@@ -274,30 +282,80 @@ def _test_faces(n: int, image_size: int) -> dict[str, np.ndarray]:
   return dict(image=np.stack(imgs), emotion=np.asarray(emo), au_present=np.stack(aus))
 
 
-def pretrain_backbones(config, out_dir: str, *, overwrite: bool = False) -> dict[str, Any]:
-  """Runs stage 0 and writes the base checkpoint to `out_dir`; returns the stage0.json record."""
+# What decides the LLM of stage 0: equal values here mean an equal text-pretrained LLM.
+LLM_KEYS = ("seed", "tokenizer", "seeds", "llm", "lm")
+
+
+def _reusable_llm(config, src: str) -> dict[str, Any]:
+  """The stage0.json of `src` if its LLM is the one `config` would train, else a clear error.
+  Text pretraining does not depend on the vision recipe, so iterating on the vision tower need
+  not repeat it (the output records where the LLM came from)."""
+  path = os.path.join(src, "stage0.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--reuse_llm_from={src}: no stage0.json there (not a stage-0 output)")
+  with open(path) as f:
+    rec = json.load(f)
+  ours = json.loads(config.to_json())
+  diff = [k for k in LLM_KEYS if json.dumps(rec["config"].get(k), sort_keys=True)
+          != json.dumps(ours.get(k), sort_keys=True)]
+  if diff:
+    raise ValueError(f"--reuse_llm_from={src}: its LLM was trained with other settings "
+                     f"({', '.join(diff)} differ); drop the flag to train the LLM")
+  return rec
+
+
+def pretrain_backbones(config, out_dir: str, *, overwrite: bool = False,
+                       reuse_llm_from: str = "") -> dict[str, Any]:
+  """Runs stage 0 and writes the base checkpoint to `out_dir`; returns the stage0.json record.
+  `reuse_llm_from`: a stage-0 output whose LLM settings equal `config`'s; its LLM is copied
+  instead of trained again (checked before anything runs)."""
   from feallm_jax.weights import base_checkpoint
   out_dir = os.path.abspath(out_dir)
   if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to replace it")
+  reused = _reusable_llm(config, reuse_llm_from) if reuse_llm_from else None
+  if reused is not None:
+    base_checkpoint.verify(reuse_llm_from)
   t0 = time.perf_counter()
   tok = tok_lib.load(config.get("tokenizer", ""))
   seeds = tuple(int(s) for s in config.seeds)
   data = faces.render(seeds, int(config.faces_per_seed), int(config.render_size),
-                      workers=int(config.get("workers", 0)))
+                      workers=int(config.get("workers", 0)),
+                      pairs=bool(config.get("minimal_pairs", False)))
   t_render = time.perf_counter() - t0
   print(f"[stage0] rendered {len(data['emotion'])} faces from {len(seeds)} train pools of "
         f"{synthetic.NUM_IDENTITIES['train']} identities ({t_render:.0f} s)", flush=True)
-  vision, vhist = train_vision(config, data, tok)
   n_probe = int(config.get("probe_faces", 0))
+  every = int(config.get("probe_every", 0))
+  probe_train = {k: v[-min(4800, len(v)):] for k, v in data.items()}
+  probe_test = _test_faces(n_probe, int(config.render_size)) if n_probe else None
+  probes = []
+
+  def measure(step, vision):
+    q = probe(vision, probe_train, probe_test)
+    au = q["au_f1"]
+    print(f"[stage0] linear probe at step {step} (test pool, {n_probe} faces): FER "
+          f"{q['fer_accuracy']:.3f}, AU mean F1 {q['au_mean_f1']:.3f} (AU10 {au.get('AU10')}, "
+          f"AU17 {au.get('AU17')}, AU24 {au.get('AU24')})", flush=True)
+    probes.append(dict(step=step, **q))
+  on_log = None
+  if n_probe and every:
+    on_log = lambda i, v: measure(i, v) if i % every == 0 and i < int(config.clip.steps) else None  # noqa: E731
+  vision, vhist = train_vision(config, data, tok, on_log=on_log)
   quality = {}
   if n_probe:
-    probe_train = {k: v[-min(4800, len(v)):] for k, v in data.items()}
-    quality = probe(vision, probe_train, _test_faces(n_probe, int(config.render_size)))
-    print(f"[stage0] linear probe on frozen features (test pool, {n_probe} faces): FER "
-          f"{quality['fer_accuracy']:.3f}, AU mean F1 {quality['au_mean_f1']:.3f}", flush=True)
-  del data
-  llm, lhist = train_llm(config, tok)
+    measure(int(config.clip.steps), vision)
+    quality = probes[-1]
+  del data, probe_train
+  if reused is None:
+    llm, lhist = train_llm(config, tok)
+  else:
+    with sharding.mesh_rules(_make_mesh()):
+      llm = llm_lib.Decoder(llm_config(config, tok), rngs=nnx.Rngs(int(config.seed) + 1))
+      base_checkpoint.restore_into(reuse_llm_from, None, llm)
+    lhist = reused["llm_history"]
+    print(f"[stage0] LLM reused from {reuse_llm_from} (same LLM settings; fingerprint "
+          f"{reused['fingerprint'][:16]}…)", flush=True)
   knows = text_check(llm, tok, seeds)
   print(f"[stage0] LLM from captions alone: emotion accuracy "
         f"{knows['fer_from_caption_accuracy']:.3f}, exact AU sets "
@@ -313,7 +371,10 @@ def pretrain_backbones(config, out_dir: str, *, overwrite: bool = False) -> dict
                  identities=len(seeds) * synthetic.NUM_IDENTITIES["train"],
                  split="train pools of seeds 1..N (the instruction set is seed 0; the test pool "
                        "is never rendered for training)"),
-      vision_history=vhist, llm_history=lhist, probe=quality, llm_text_check=knows,
+      vision_history=vhist, llm_history=lhist, probe=quality, probe_history=probes,
+      llm_text_check=knows,
+      llm_reused_from=None if reused is None else dict(
+          fingerprint=reused["fingerprint"], llm_seconds=reused.get("seconds")),
       seconds=round(time.perf_counter() - t0, 1), jax_version=jax.__version__)
   with open(os.path.join(out_dir, "stage0.json"), "w") as f:
     json.dump(record, f, indent=1)

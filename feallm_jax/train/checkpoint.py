@@ -206,8 +206,13 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if self.read_only else max(int(self.config.train.keep), 1),
         create=not self.read_only, read_only=self.read_only,
+        save_interval_steps=0 if self.read_only else 1,
         enable_async_checkpointing=self._async and not self.read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    # A read-only open (evaluation, predict, the resume check) is what we asked for: Orbax's
+    # "Given directory is read only" warning says nothing to a person (shown with --verbosity=0).
+    from feallm_jax import console
+    with console.silence_library_warnings(self.read_only):
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   # -- inspection -------------------------------------------------------------------------
 
@@ -345,9 +350,9 @@ class Checkpointer:
 def check_workdir(config, workdir: str, base_fingerprint: str | None = None) -> int | None:
   """Refuses (before anything is written) a workdir whose checkpoints are of another config.
 
-  ``base_fingerprint=None`` checks the architecture only (the cheap check before the model is
-  built; the frozen weights' fingerprint is not known yet). Returns the newest readable
-  checkpoint step, or None for a fresh workdir.
+  ``base_fingerprint`` None checks the architecture only (the cheap check before the model is
+  built; comparing against '' refused every resume of a run with frozen weights). Returns the
+  newest readable checkpoint step, or None for a fresh workdir.
   """
   directory = paths.path(workdir) / "checkpoints"
   if not directory.exists():

@@ -1,9 +1,16 @@
 """``train_and_evaluate(config, workdir)``: the whole training run, importable from a notebook.
 
-Order matters for the "refuse before writing" guarantee: the workdir's checkpoints are checked
+Order matters for the "refuse before writing" guarantee: ``feallm_jax.preflight`` checks everything
+knowable (and resolves the towers from their checkpoints), then the workdir's checkpoints are checked
 against the config (architecture, base-weight fingerprint, trainable shapes) *before* any file
 is created. Restarting the same command resumes from the newest good checkpoint; SIGTERM (a
 preempted VM) saves at the next step boundary and exits cleanly.
+
+Examples that cannot be fitted are dropped by the pipeline, never fatal one by one: the run
+refuses to start when the first examples it would draw all drop (``pipeline.check_fit``), logs
+the cumulative counts by reason with every record, and stops (``DroppedExamplesError``, naming
+the reason, the count and the flag) only once more than ``data.max_dropped_fraction`` of the
+examples drawn were dropped.
 """
 
 from __future__ import annotations
@@ -83,6 +90,11 @@ def _check_config(config) -> None:
           "--config.model.vision.hf_path and --config.model.llm.hf_path to local HF dirs")
     if not d.get("tokenizer", ""):
       raise ValueError("set --config.data.tokenizer to the LLM's local HF tokenizer dir")
+  frac = float(d.get("max_dropped_fraction", 0.01))
+  if not 0.0 <= frac <= 1.0:
+    raise ValueError(f"data.max_dropped_fraction must be in [0, 1], got {frac}")
+  if int(d.get("drop_check_after", 1000)) < 0 or int(d.get("fit_check_examples", 256)) < 0:
+    raise ValueError("data.drop_check_after and data.fit_check_examples must be >= 0")
   pc = jax.process_count()
   if int(d.batch_size) % pc:
     raise ValueError(f"data.batch_size={d.batch_size} does not split over {pc} processes")
@@ -158,15 +170,30 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _global_drops(data_iter):
+  """The run's drop counts summed over processes (the same DropLog on every host, so every
+  host stops at the same step); None for an iterator without drop accounting."""
+  drops = getattr(data_iter, "drops", None)
+  if drops is None or jax.process_count() == 1:
+    return drops
+  from jax.experimental import multihost_utils
+  from feallm_jax.data import pipeline
+  vectors = multihost_utils.process_allgather(drops.to_vector().astype(np.int32))
+  return pipeline.DropLog.from_vectors(np.asarray(vectors), ids=drops.ids)
+
+
 # -- evaluation -------------------------------------------------------------------------------
 
-def _evaluate(config, workdir: str, step: int, logger: metrics_log.MetricsLogger, *, model):
-  """Evaluates the live ``model`` (``Trainer.merge`` of the train state) as step ``step``.
+def _evaluate(config, workdir: str, step: int, logger: metrics_log.MetricsLogger | None = None,
+              *, model=None):
+  """Evaluates step ``step`` into its own folder under ``eval/`` (indexed); the headline metrics
+  go to ``logger`` (or a logger ``feabench.evaluate`` opens) as ``eval/<mode>/...``.
 
-  The model holds the trainer's own buffers (trainable + frozen, merged once per evaluation):
-  nothing is rebuilt and the base weights are not read again, so at 7B no second copy of the
-  frozen towers is allocated. ``feabench.evaluate(config, workdir, checkpoint=step)`` gives the
-  same numbers offline from the step's checkpoint.
+  ``model`` is the live train state (``Trainer.merge``: the trainer's own buffers, trainable +
+  frozen, merged once per evaluation): nothing is rebuilt and the base weights are not read
+  again, so at 7B no second copy of the frozen towers is allocated.
+  ``feabench.evaluate(config, workdir, checkpoint=step)`` gives the same numbers offline from the
+  step's checkpoint.
   """
   suites = tuple(config.eval.get("suites", ()) or ())
   if not suites:
@@ -176,19 +203,8 @@ def _evaluate(config, workdir: str, step: int, logger: metrics_log.MetricsLogger
   except ImportError as e:
     log.warning("evaluation skipped at step %d: feallm_jax.eval.feabench unavailable (%s)", step, e)
     return None
-  results = feabench.evaluate(config, workdir, checkpoint=step, suites=suites,
-                              mode=config.eval.get("mode", "generate"), model=model)
-  flat = {}
-
-  def walk(prefix, x):
-    if isinstance(x, dict):
-      for k, v in x.items():
-        walk(f"{prefix}/{k}" if prefix else str(k), v)
-    elif isinstance(x, (int, float, np.number)) and not isinstance(x, bool):
-      flat[prefix] = float(x)
-  walk("", results)
-  logger.log(step, flat, kind="eval")
-  return results
+  return feabench.evaluate(config, workdir, checkpoint=step, suites=suites,
+                           mode=config.eval.get("mode", "generate"), logger=logger, model=model)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -198,10 +214,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   from feallm_jax.data import pipeline
   from feallm_jax.models import feallm
 
-  workdir = paths.resolve(workdir)      # a gs:// URL stays a URL
-  _check_config(config)
+  from feallm_jax import compile_cache, console, preflight
+  console.setup_once()                # quiet library logs inside absl apps (--verbosity=0: all)
+  workdir = paths.resolve(workdir)    # a gs:// URL stays a URL
+  # 0. Everything knowable before the first step (suites, data, checkpoint vs config, tokenizer,
+  #    mesh, batch, workdir); the towers' own configs replace the config's backbone fields.
+  config = preflight.run(config, workdir)
   # 1. Refuse a foreign workdir before building anything (cheap architecture check).
-  ckpt_lib.check_workdir(config, workdir)
+  _check_config(config)
+  ckpt_lib.check_workdir(config, workdir, base_fingerprint=None)
+  compile_cache.enable_once(config)   # before the first compile: reruns/resumes reuse programs
+  # ... and data of which not one example fits (the first examples the run would draw).
+  source = pipeline.data_source(config, split="train", decode_images=False)
+  pipeline.check_fit(config, split="train", seed=int(config.get("seed", 0)), source=source)
 
   mesh = sharding.make_mesh(dict(config.mesh))
   model = feallm.build_model(config, mesh)
@@ -213,7 +238,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   fingerprint = base_fingerprint(config, has_frozen=has_frozen)
   # 2. Full check (base fingerprint, trainable shapes) still before anything is written.
   found = ckpt_lib.check_workdir(config, workdir, fingerprint)
-  data_iter = pipeline.train_iterator(config, split="train", seed=int(config.get("seed", 0)))
+  data_iter = pipeline.train_iterator(config, split="train", seed=int(config.get("seed", 0)),
+                                      source=source)
 
   ckpt = ckpt_lib.Checkpointer(workdir, config, base_fingerprint=fingerprint)
   logger = None
@@ -242,7 +268,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     return summary
   if config.train.get("final_eval", True) and config.eval.get("suites", ()):
     summary["eval"] = _evaluate(config, workdir, summary["final_step"],
-                                metrics_log.MetricsLogger(workdir, total_steps=0, progress=False),
                                 model=trainer.merge(summary["state"]))
   return summary
 
@@ -252,10 +277,14 @@ def _host(tree):
 
 
 def _run(config, workdir, trainer, state, start, data_iter, ckpt, logger) -> dict[str, Any]:
+  from feallm_jax.data import pipeline
   t = config.train
   num_steps, log_every = int(t.num_steps), int(t.log_every)
   save_every, eval_every = int(t.save_every), int(t.get("eval_every", 0))
   max_bad = int(t.get("max_bad_steps", 5))
+  d = config.data
+  max_dropped = float(d.get("max_dropped_fraction", 0.01))
+  drop_check_after, max_len = int(d.get("drop_check_after", 1000)), int(d.max_len)
   pending: list[dict] = []          # device metrics since the last log
   last_record: dict[str, Any] = {}
   lagged = None                     # previous step's bad-streak scalar (checked one step late)
@@ -291,9 +320,21 @@ def _run(config, workdir, trainer, state, start, data_iter, ckpt, logger) -> dic
     rec.update(skipped=int(host[-1]["skipped"]), bad_streak=int(host[-1]["bad_streak"]),
                step_time=elapsed / n, tokens_per_s=tokens_since / max(elapsed, 1e-9),
                loss_tokens=float(np.mean([h["tokens"] for h in host])))
+    drops = _global_drops(data_iter)   # cumulative: examples drawn, dropped (by reason)
+    if drops is not None:
+      rec.update(drops.metrics())
     last_record = logger.log(pending[-1][0], rec)
     pending, t_log, tokens_since = [], time.perf_counter(), 0
     check_streak(rec["bad_streak"])
+    if drops is not None:
+      try:
+        drops.check(max_dropped, drop_check_after, max_len)
+      except pipeline.DroppedExamplesError as e:
+        last = ckpt.latest_step()
+        raise pipeline.DroppedExamplesError(
+            f"{e} Stopped at step {step}; the last checkpoint "
+            f"({'step ' + str(last) if last is not None else 'none'}) in {ckpt.directory} is "
+            "intact: rerun with the changed flag to resume.") from None
 
   def save(at: int) -> bool:
     if int(np.asarray(jax.device_get(state.bad_streak))) > 0:
@@ -332,6 +373,10 @@ def _run(config, workdir, trainer, state, start, data_iter, ckpt, logger) -> dic
     ckpt.wait()
   if preempted:
     log.warning("preempted: checkpoint saved at step %d; rerun the same command to resume", step)
+  drops = _global_drops(data_iter)
+  if drops is not None and drops.dropped:
+    logger.text("dropped", f"{drops.summary()}: {drops.describe(max_len)}", step=step)
   return {"final_step": step, "preempted": preempted, "metrics": last_record,
+          "dropped": drops.state() if drops is not None else None,
           "trainable_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
           "state": state}

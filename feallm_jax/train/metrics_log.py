@@ -89,7 +89,8 @@ class MetricsLogger:
       self._bar.update(n)
 
   def text(self, tag: str, text: str, step: int = 0):
-    log.info("%s: %s", tag, text)
+    """TensorBoard text (the config, the parameter table); the console shows it at DEBUG only."""
+    log.debug("%s: %s", tag, text)
     if self._writer is not None:
       self._writer.add_text(tag, text, step)
       self._writer.flush()

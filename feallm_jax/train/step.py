@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from feallm_jax import sharding
+from feallm_jax.models import layers
 from feallm_jax.train import optimizer as optimizer_lib
 
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
@@ -78,6 +79,8 @@ class Trainer:
     if self.accum_steps < 1:
       raise ValueError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
     self.trainable = trainable
+    # Dropout on, whatever mode the model arrives in: the step is training by definition.
+    model = layers.with_dropout(model, True)
     graphdef, params_v, frozen_v, rest_v = nnx.split(model, trainable, nnx.Param, ...)
     if not nnx.to_flat_state(params_v).leaves:
       raise ValueError("trainable_filter selects no weights: nothing would train "
@@ -191,8 +194,9 @@ class Trainer:
     return self._abstract
 
   def merge(self, state: TrainState) -> nnx.Module:
-    """A model object holding ``state``'s weights (for evaluation or export)."""
-    return nnx.merge(self.graphdef, state.params, self.frozen, state.rest)
+    """A model object holding ``state``'s weights (for evaluation or export): dropout off."""
+    return layers.with_dropout(nnx.merge(self.graphdef, state.params, self.frozen, state.rest),
+                               False)
 
   # -- the step ------------------------------------------------------------------------------
 

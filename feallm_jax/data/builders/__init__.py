@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -93,6 +94,8 @@ def build(name: str, data_dir: str, *, config: str | None = None, manual_dir: st
   data as skipped.json, so a later reader can see what the build left out.
   """
   import tensorflow_datasets as tfds
+  from feallm_jax import console
+  console.setup_once()
   if manual_dir:
     manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
   b = make_builder(name, data_dir, config=config, overrides=overrides,
@@ -105,7 +108,11 @@ def build(name: str, data_dir: str, *, config: str | None = None, manual_dir: st
     b = make_builder(name, data_dir, config=config, overrides=overrides,
                      **kwargs)
   existed = os.path.isdir(b.data_dir)
-  b.download_and_prepare(download_config=dl)
+  if not existed and console.is_quiet():
+    logging.getLogger(__name__).info("building %s/%s under %s", name,
+                                     b.builder_config.name if b.builder_config else "", data_dir)
+  with console.quiet_tfds():
+    b.download_and_prepare(download_config=dl)
   secs = time.time() - t0
   report_path = os.path.join(b.data_dir, "skipped.json")
   if not existed:

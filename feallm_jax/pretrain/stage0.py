@@ -346,7 +346,8 @@ def pretrain_backbones(config, out_dir: str, *, overwrite: bool = False,
   if n_probe:
     measure(int(config.clip.steps), vision)
     quality = probes[-1]
-  del data, probe_train
+  del data
+  probe_train = None   # frees the probe faces (a del of measure's closure name: ruff F821)
   if reused is None:
     llm, lhist = train_llm(config, tok)
   else:

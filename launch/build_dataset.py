@@ -13,15 +13,14 @@ not fit that config's ``data.max_len``).
 """
 import json
 import os
-import sys
 
+from absl import app, flags
+from ml_collections import config_flags
+
+from feallm_jax.data import builders
+
+# The repository root, where configs/ lives (used as a file path only).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from feallm_jax.data import builders  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Dataset to build.")

@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _predict(*args, timeout=120):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "predict.py"), *args],
+  # -m from the root: this checkout's package, whatever feallm_jax is installed (no sys.path edits).
+  return subprocess.run([sys.executable, "-m", "launch.predict", *args],
                         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 

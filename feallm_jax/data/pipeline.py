@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import math
-import os
 import sys
 import threading
 from typing import Any, Iterator, Sequence
@@ -915,7 +914,8 @@ def length_report(config, source, *, num_examples: int = 0, seed: int | None = N
   out: dict[str, Any] = dict(
       examples=int(len(idx)), of=int(n), max_len=max_len, tokenizer=d.tokenizer or "tiny",
       text_tokens=_percentiles(lengths), truncated=truncated, dropped=drops.dropped,
-      dropped_by_reason={r: drops.counts[r] for r in DROP_REASONS if r in drops.counts}, first_ids={k: v for k, v in drops.ids.items()},
+      dropped_by_reason={r: drops.counts[r] for r in DROP_REASONS if r in drops.counts},
+      first_ids={k: v for k, v in drops.ids.items()},
       needed_max_len=drops.needed_len, describe=drops.describe(max_len),
       fits_untruncated=int(max(lengths)) if lengths else 0)
   if visual is not None:

@@ -5,8 +5,8 @@ is the embedded default; ``raf_db`` (7-way FER), ``affectnet_7`` / ``affectnet_8
 ``bp4d`` (12-AU F1) and ``disfa`` (8-AU F1) read the tfds builders under
 ``config.data.data_dir`` zero-shot. For bp4d / disfa the headline ``au_mean_f1`` is the
 published protocol's 3-fold mean (F1 per subject part, averaged; ``au_mean_f1_pooled`` is
-the F1 over all records, ``folds`` each part's own numbers). A suite whose data is not built fails with the builder name
-and the command that builds it.
+the F1 over all records, ``folds`` each part's own numbers). A suite whose data is not built
+fails with the builder name and the command that builds it.
 
 Modes:
 * ``generate``: every answer is generated (greedy unless ``config.eval.temperature`` > 0) and

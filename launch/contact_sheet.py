@@ -7,8 +7,13 @@ import os
 
 from absl import app, flags
 
-flags.DEFINE_string("out", "runs/review/contact_sheet.png", "Where the PNG goes.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Defined when run as a script only: importing `contact_sheet()` (the test does) must not
+  claim `--out` in the process-wide flag registry other launchers share."""
+  flags.DEFINE_string("out", "runs/review/contact_sheet.png", "Where the PNG goes.")
 
 TILE_W, TILE_H, BIG, SMALL = 256, 330, 256, 64
 
@@ -51,4 +56,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -122,7 +122,9 @@ def test_gs_workdir_train_preempt_resume_evaluate(gcs, tmp_path):
              XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  steps = 16                      # enough steps that SIGTERM lands mid-run
+  # Enough steps that SIGTERM lands mid-run however fast the machine is (on an idle one all of
+  # 16 steps finished before the test saw the first metrics in the bucket).
+  steps = 200
 
   # 1. Train; SIGTERM once the first metrics reach the bucket.
   proc = subprocess.Popen(_train(data, steps), cwd=cwd, env=env, stdout=subprocess.DEVNULL,

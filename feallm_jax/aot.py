@@ -27,10 +27,13 @@ largest buffers named instead of one line of RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +43,17 @@ from feallm_jax import chips
 
 NO_CRASH_ON_OOM = "--xla_tpu_no_crash_on_oom=true"
 PROGRAMS = ("train", "prefill", "decode", "generate")
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _timed(what: str):
+  """Logs wall and CPU seconds of one phase: a 7B compile takes minutes, and on a busy host
+  the CPU seconds say how much work it was."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  log.info("%s ...", what)
+  yield
+  log.info("%s: %.0f s (%.0f CPU-s)", what, time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def init_libtpu() -> None:
@@ -200,7 +214,11 @@ def compile_train(config, model, mesh):
                              trainable=feallm.trainable_filter(config))
   sig = pipeline.batch_signature(config, int(config.data.batch_size), train=True)
   batch = _abstract_batch(sig, mesh)
-  return analyze("train", trainer.lower(batch).compile()), trainer, batch
+  with _timed("train step: trace and lower"):
+    lowered = trainer.lower(batch)
+  with _timed("train step: XLA compile"):
+    compiled = lowered.compile()
+  return analyze("train", compiled), trainer, batch
 
 
 def eval_settings(config, mesh) -> dict[str, int]:
@@ -243,10 +261,14 @@ def compile_eval(config, model, mesh, programs: Sequence[str]) -> dict[str, Comp
       lowered = gen._generate_jit.lower(
           graphdef, state, inputs, key, eos, scalar(jnp.int32), scalar(jnp.float32),
           scalar(jnp.float32), max_new_tokens=n, greedy=True, nucleus=False, mesh=mesh)
-      out["generate"] = analyze("generate", lowered.compile())
+      with _timed("generate: XLA compile"):
+        compiled = lowered.compile()
+      out["generate"] = analyze("generate", compiled)
     if "prefill" in programs:
       lowered = gen.prefill_jit.lower(graphdef, state, inputs, extra_len=n, mesh=mesh)
-      out["prefill"] = analyze("prefill", lowered.compile())
+      with _timed("prefill: XLA compile"):
+        compiled = lowered.compile()
+      out["prefill"] = analyze("prefill", compiled)
     if "decode" in programs:
       dgraph, dstate = nnx.split(model.llm)
       dstate = _concrete(dstate, mesh)
@@ -261,7 +283,9 @@ def compile_eval(config, model, mesh, programs: Sequence[str]) -> dict[str, Comp
           dgraph, dstate, jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=batch_sh(2)), cache,
           jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=batch_sh(2)),
           jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh(1)), scalar(jnp.int32))
-      out["decode"] = analyze("decode", lowered.compile())
+      with _timed("decode: XLA compile"):
+        compiled = lowered.compile()
+      out["decode"] = analyze("decode", compiled)
   return out
 
 

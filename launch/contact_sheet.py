@@ -4,11 +4,8 @@ included) at 256 px and at 64 px, its emotion and active AUs written underneath.
   python launch/contact_sheet.py [--out=runs/review/contact_sheet.png]
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 flags.DEFINE_string("out", "runs/review/contact_sheet.png", "Where the PNG goes.")
 FLAGS = flags.FLAGS

@@ -5,7 +5,9 @@ and CI runs it in its own venv (.ci/run). The per-device memory XLA reports for 
 train step is checked against a count made here from the parameter shapes, the declared
 logical axes and the mesh: parameter bytes / shards, Adam's two moments / fsdp (ZeRO-1), the
 batch / batch shards. The frozen parameter count is checked against the CLIP + LLaMA formulas
-(HF's architecture) for the configured dims.
+(HF's architecture) for the configured dims. The config is the shipped 7B one shrunk in size
+only, and the compiled programs are read for what it ships: LoRA dropout masks and remat in the
+train step, neither in generation.
 """
 
 import dataclasses
@@ -22,7 +24,7 @@ aot.init_libtpu()   # before anything initializes libtpu in this process
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import configs.tiny_synthetic as tiny  # noqa: E402
+import configs.llava7b_lora as paper  # noqa: E402
 from feallm_jax import chips, sharding  # noqa: E402
 from feallm_jax.data import pipeline  # noqa: E402
 from feallm_jax.models import feallm  # noqa: E402
@@ -32,8 +34,10 @@ VIS_D, VIS_M, IMG, PATCH = 1024, 1024, 64, 16
 
 
 def small_config():
-  """Every sharded dim is a multiple of 8 x 128 (no TPU tile padding blurs the count)."""
-  c = tiny.get_config()
+  """``configs/llava7b_lora.py`` as it ships (LoRA r=128 with dropout 0.05, remat, bf16 frozen
+  base and compute, f32 trainable weights, gradient accumulation), shrunk in width, depth and
+  length only. Every sharded dim is a multiple of 8 x 128 (no TPU tile padding blurs the count)."""
+  c = paper.get_config()
   c.mesh.update(data=1, fsdp=8, tensor=1)
   m = c.model
   m.vision.update(image_size=IMG, patch_size=PATCH, hidden_size=VIS_D, intermediate_size=VIS_M,
@@ -43,9 +47,6 @@ def small_config():
   m.image_token_id = V - 1                  # no tokenizer needed
   m.feature_layer, m.multi_layers = -1, (1,)   # every vision weight is used (jit prunes unused)
   m.projector, m.local_clues = "mlp", False
-  m.train_llm, m.train_vision = "lora", False
-  m.lora.update(rank=RANK, alpha=256.0, dropout=0.0)
-  m.frozen_dtype, m.compute_dtype = "bfloat16", "bfloat16"
   c.data.update(max_len=64, batch_size=16, lca_image_size=0)
   c.optim.accum_steps = 2
   c.eval.update(batch_size=8, max_new_tokens=4)
@@ -89,7 +90,14 @@ def report(monkeypatch_module):
   # An HBM budget below what the step needs, to see the "does not fit" report as well.
   small = dataclasses.replace(chips.CHIPS["v5e"], hbm_usable=4 << 20)
   monkeypatch_module.setitem(chips.CHIPS, "v5e", small)
-  return config, aot.run(config, "v5e:2x4", programs=("train", "decode"))
+  # The optimized HLO of each compiled program, read where aot.run analyzes it.
+  hlo, analyze = {}, aot.analyze
+
+  def keep_hlo(name, compiled):
+    hlo[name] = compiled.as_text()
+    return analyze(name, compiled)
+  monkeypatch_module.setattr(aot, "analyze", keep_hlo)
+  return config, aot.run(config, "v5e:2x4", programs=("train", "decode")), hlo
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +108,7 @@ def monkeypatch_module():
 
 
 def test_train_step_memory_matches_an_independent_count(report):
-  config, r = report
+  config, r, _ = report
   assert r["device_kind"] == "TPU v5 lite" and r["devices"] == 8
   assert r["params"]["frozen"] == hf_frozen_count()
   train = r["programs"]["train"]
@@ -119,7 +127,7 @@ def test_train_step_memory_matches_an_independent_count(report):
 
 
 def test_does_not_fit_names_the_largest_buffers(report):
-  _, r = report
+  _, r, _ = report
   train = r["programs"]["train"]
   assert not r["fits"] and not train["fits"] and train["headroom"] < 0
   largest = train["largest"]["arguments"]
@@ -132,10 +140,31 @@ def test_does_not_fit_names_the_largest_buffers(report):
 
 
 def test_decode_step_reads_the_cache_it_donates(report):
-  config, r = report
+  config, r, _ = report
   dec = r["programs"]["decode"]
   # One token: compiled FLOPs are the model's (matmuls, lm_head, attention over the cache)
   # plus elementwise work XLA counts too (the f32 -> bf16 casts of the LoRA weights, norms).
   assert 0.9 < dec["flops"]["ratio"] < 1.6
   assert dec["memory"]["alias"] > 0 and dec["roofline"]["bound"] == "memory"
   jax.clear_caches()
+
+
+def _op_names(hlo_text: str) -> str:
+  return " ".join(aot._OPNAME.findall(hlo_text))
+
+
+def test_compiles_the_shipped_7b_settings(report):
+  """Dropout, remat and dtypes as configs/llava7b_lora.py ships them, seen in what XLA built."""
+  config, r, hlo = report
+  m = config.model
+  assert (m.lora.rank, m.lora.dropout, m.remat) == (RANK, 0.05, True)
+  assert (m.param_dtype, m.frozen_dtype, m.compute_dtype) == ("float32", "bfloat16", "bfloat16")
+  assert r["remat"] is True
+  train = r["programs"]["train"]
+  # The dropout streams (a key and a counter per adapted projection) are train state.
+  assert train["memory"]["rng_and_counters"] > 0
+  ops = _op_names(hlo["train"])
+  assert "bernoulli" in ops, "no dropout mask in the compiled train step"
+  assert "checkpoint" in ops, "no remat in the compiled train step"
+  # Generation runs with dropout off: no mask is drawn when decoding.
+  assert "bernoulli" not in _op_names(hlo["decode"])

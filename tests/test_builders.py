@@ -179,7 +179,7 @@ def test_llava_malformed_entry_names_line(tmp_path):
   line = starts[2]
   assert text[line] == '  "id": "train-2",'      # the broken entry opens on that line
   with pytest.raises(common.LabelFileError,
-                     match=rf"faba_train\.json:{line}: turn 1 is from") as err:
+                     match=rf"faba_train\.json:{line}: entry 2: turn 1 is from") as err:
     builders.build("llava_instruct", str(tmp_path / "data"), manual_dir=str(tmp_path / "raw"))
   assert err.value.line == line
 

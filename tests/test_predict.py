@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _predict(*args, timeout=120):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "predict.py"), *args],
+  # -m from the root: this checkout's package, whatever feallm_jax is installed (no sys.path edits).
+  return subprocess.run([sys.executable, "-m", "launch.predict", *args],
                         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
@@ -47,10 +48,10 @@ def test_aligned_face_without_a_trained_run_exits_cleanly(tmp_path):
   assert "no checkpoints" in r.stderr
 
 
-from tests.test_feabench import run  # noqa: E402,F401  (a tiny model saved as a training run)
+from tests.test_feabench import run  # noqa: E402,F401,F811  (a tiny model saved as a training run)
 
 
-def test_predict_on_a_real_photo_explains_from_the_projectors_attention(run, tmp_path):
+def test_predict_on_a_real_photo_explains_from_the_projectors_attention(run, tmp_path):  # noqa: F811
   """A real photo (skimage's astronaut portrait): the face is found, an answer printed, and
   --explain's ranking equals the projector's cross-attention over the 16 regions (visual
   tokens' weights averaged over heads and queries), recomputed here from the restored model,

@@ -45,7 +45,8 @@ def test_full_clip_model_dir(tmp_path):
 def test_patchify_matches_conv_order(clip_dir):
   """The flattened patch kernel gives the same result as a stride-p conv over NCHW."""
   enc = hf.load_vision(clip_dir)
-  import torch, transformers
+  import torch
+  import transformers
   model = transformers.CLIPVisionModel.from_pretrained(clip_dir).eval()
   x = _pixels(n=1)
   with torch.no_grad():

@@ -413,8 +413,11 @@ def build_model(config, mesh, *, rngs: nnx.Rngs | None = None, log: bool = True)
 
 def abstract_model(spec: FEALLMSpec, mesh) -> FEALLM:
   """Shapes, dtypes and shardings only (allocates nothing): for real-size checks and restores."""
+  # The key is made before the mesh is active: an eager op under a mesh of compile-only
+  # devices (an ahead-of-time TPU topology, ``feallm_jax.aot``) has nowhere to run.
+  make = _constructor(spec, jax.random.key(0))
   with sharding.mesh_rules(mesh):
-    model = nnx.eval_shape(_constructor(spec, jax.random.key(0)))
+    model = nnx.eval_shape(make)
     sharding.validate_rules(model, mesh)
   return model
 

@@ -72,6 +72,43 @@ def test_paper_config_builds_abstractly_with_its_real_settings(devices):
   assert len(counts) == len(TARGETS) * 2
 
 
+def test_paper_config_train_step_and_generation_trace_at_real_widths(devices):
+  """The exact train step (8-step accumulation scan, remat with live dropout, bf16) and the
+  compiled generation (prefill + decode while loop, dropout off) traced and lowered at the
+  shipped widths and lengths, nothing compiled or allocated: a dropout stream advanced from the
+  wrong trace level (``TraceContextError: Cannot mutate RngCount``) fails here, in CI."""
+  from feallm_jax import aot
+  from feallm_jax.data import pipeline
+  c = paper.get_config()
+  c.model.image_token_id = 32000
+  c.model.vision.num_layers = 4
+  c.model.multi_layers = (1, 2, 3, 4)
+  c.model.llm.num_layers = 2
+  c.mesh.update(data=1, fsdp=8, tensor=1)
+  mesh = sharding.make_mesh(dict(c.mesh), devices)
+  model = feallm.abstract_model(feallm.spec_from_config(c), mesh)
+  assert len(_dropouts(model)) == len(TARGETS) * 2
+  tr = step_lib.Trainer(c, model, mesh, loss_fn=feallm.loss_fn,
+                        trainable=feallm.trainable_filter(c))
+  batch = aot._abstract_batch(pipeline.batch_signature(c, 128, train=True), mesh)
+  text = tr.lower(batch).as_text()
+  assert "2048" in text and "4096" in text             # the shipped length and LLM width
+  # Generation as eval_feabench / predict run it (generate() takes the dropout-off view).
+  off = layers.with_dropout(model, False)
+  graphdef, state = nnx.split(off)
+  state = aot._concrete(state, mesh)
+  sig = pipeline.batch_signature(c, 8, train=False)
+  inputs = aot._abstract_batch({k: sig[k] for k in gen.PROMPT_KEYS_VISION}, mesh)
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)
+  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
+  with jax.set_mesh(mesh):
+    gen._generate_jit.lower(
+        graphdef, state, inputs, key, jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep),
+        scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32), max_new_tokens=4,
+        greedy=True, nucleus=False, mesh=mesh)
+
+
 # ---------------------------------------------------------------------------------------------
 # For real, at tiny widths.
 

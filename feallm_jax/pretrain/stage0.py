@@ -105,8 +105,6 @@ def _fit(model: nnx.Module, loss: Callable, batches: Iterator, *, steps: int, lr
                  seconds=round(time.perf_counter() - t0, 1))
       history.append(rec)
       acc_l, acc_a = [], []
-      log.info("stage0 %s step %d/%d loss %.4f acc %.3f (%.0f s)", name, i, steps, rec["loss"],
-               rec["accuracy"], rec["seconds"])
       print(f"[stage0] {name} {i}/{steps} loss {rec['loss']:.4f} acc {rec['accuracy']:.3f} "
             f"({rec['seconds']:.0f} s)", flush=True)
       if on_log is not None:

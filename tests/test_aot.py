@@ -168,3 +168,31 @@ def test_compiles_the_shipped_7b_settings(report):
   assert "checkpoint" in ops, "no remat in the compiled train step"
   # Generation runs with dropout off: no mask is drawn when decoding.
   assert "bernoulli" not in _op_names(hlo["decode"])
+
+
+def test_splash_attention_lowers_for_tpu_and_cuts_temp_memory_at_2048_tokens():
+  """The Pallas splash kernel compiles for v5e (a Mosaic custom call in the HLO; CPU tests only
+  run it in interpret mode), ``auto`` picks it for a TPU mesh, and the causal-attention gradient
+  at 2048 tokens needs no [B, H, T, T] float32 logits buffer, which the XLA path holds."""
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from feallm_jax.models import attention_kernels as ak
+
+  mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1),
+                            aot.topology_devices(chips.resolve("v5e:2x4")))
+  b, t, h, d = 8, 2048, 8, 128
+  qkv = [jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16, sharding=NamedSharding(
+      mesh, P(("data", "fsdp"), None, "tensor"))) for _ in range(3)]
+  valid = jax.ShapeDtypeStruct((b, t), jnp.int32,
+                               sharding=NamedSharding(mesh, P(("data", "fsdp"))))
+  out = {}
+  for impl in ("xla", "splash", "auto"):
+    def f(q, k, v, valid, impl=impl):
+      return jnp.sum(ak.causal_attention(q, k, v, valid=valid, impl=impl).astype(jnp.float32) ** 2)
+    with jax.set_mesh(mesh):
+      c = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(*qkv, valid).compile()
+    out[impl] = (c.memory_analysis().temp_size_in_bytes, c.as_text().count("tpu_custom_call"))
+  logits = (b // 8) * h * t * t * 4          # one device's float32 attention logits
+  assert out["xla"][1] == 0 and out["xla"][0] >= logits, out
+  assert out["splash"][1] > 0 and out["splash"][0] < logits / 10, out
+  assert out["auto"] == out["splash"], out

@@ -113,6 +113,8 @@ def _bucket_steps(path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=('racy under the parallel suite: the SIGTERM waits for bucket '
+                           'metrics seen only after the run ended (issue 16 open)'))
 def test_gs_workdir_train_preempt_resume_evaluate(gcs, tmp_path):
   from etils import epath
   cwd = tmp_path / "cwd"          # the processes' working directory: must stay empty

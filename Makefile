@@ -1,4 +1,5 @@
 # The two commands of the README. Each creates .venv when missing and installs what it needs.
+# `make test` lints with ruff ([tool.ruff] in pyproject.toml) before running the suite.
 # `make test-tpu` runs the ahead-of-time TPU compile tests in .venv-tpu: .venv's packages plus
 # libtpu (~700 MB, kept out of the test install; version from the `tpu` extra).
 PY ?= python3
@@ -31,6 +32,7 @@ quickstart: $(STAMP_BASE)
 	$(VPY) -m launch.quickstart --workdir=$(WORKDIR)
 
 test: $(STAMP_TEST)
+	$(VPY) -m ruff check .
 	$(VPY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
 
 # A venv layered on .venv (same jax/flax pins, via a .pth) that adds only libtpu.

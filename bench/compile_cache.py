@@ -1,11 +1,11 @@
 """What JAX's persistent compilation cache saves: step-1 time of a rerun and of a resume.
 
-  python bench/compile_cache.py [--config=configs/tiny_synthetic.py] [--steps=2] \
+  python -m bench.compile_cache [--config=configs/tiny_synthetic.py] [--steps=2] \
       [--override=--config.model.base_checkpoint=] [--override=...]
 
-Runs ``launch/train.py`` as a user would, each in a fresh process (nothing shared but the
-cache dir), with ``log_every=1`` so ``metrics.jsonl``'s first record is the first step alone
-(its time includes compiling the train step):
+Runs ``python -m launch.train`` from the repository root as a user would, each in a fresh
+process (nothing shared but the cache dir), with ``log_every=1`` so ``metrics.jsonl``'s first
+record is the first step alone (its time includes compiling the train step):
 
 1. ``cold``: a fresh workdir and an empty cache dir (everything compiles and is stored);
 2. ``rerun``: the same command in another fresh workdir (the cache is warm);
@@ -24,10 +24,10 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
+# The repository root, where configs/ and launch/ live (used as a file path only).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 flags.DEFINE_string("config", os.path.join(ROOT, "configs", "tiny_synthetic.py"), "Config file.")
 flags.DEFINE_integer("steps", 2, "Steps per run (the resume adds as many again).")
@@ -43,7 +43,7 @@ def _dir_bytes(path: str) -> int:
 
 def _train(workdir: str, cache: str, steps: int, new_steps: int | None = None) -> dict:
   """One launch/train.py run to ``steps``; times its first new step (``new_steps`` of them)."""
-  cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={FLAGS.config}",
+  cmd = [sys.executable, "-m", "launch.train", f"--config={FLAGS.config}",
          f"--workdir={workdir}", f"--compile_cache={cache}",
          f"--config.data.data_dir={FLAGS.data_dir}", "--config.data.builder_config=small",
          "--config.data.batch_size=8", f"--config.train.num_steps={steps}",

@@ -4,15 +4,12 @@
 """
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from feallm_jax.data import pipeline  # noqa: E402
+from feallm_jax.data import pipeline
 
 config_flags.DEFINE_config_file("config", "configs/tiny_synthetic.py", "Config file.")
 flags.DEFINE_integer("steps", 40, "Timed batches.")

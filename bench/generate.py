@@ -22,13 +22,10 @@ the two sides only from runs under similar load. Prints one JSON object.
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "configs/bench_small.py", lock_config=False)
 flags.DEFINE_integer("batch", 8, "Batch size.")
@@ -56,10 +53,9 @@ def _config():
   if FLAGS.config is not None:
     c = FLAGS.config
   else:
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                    "configs"))
-    import tiny_synthetic
-    c = tiny_synthetic.get_config()
+    from feallm_jax import config_files
+    c = config_files.get_config(os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_synthetic.py"))
     c.model.vision.update(DEFAULT["vision"])
     c.model.llm.update(DEFAULT["llm"])
   c.model.projector = "mlp"

@@ -14,11 +14,9 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def _args():
@@ -34,11 +32,8 @@ def _args():
 
 
 def _load_config(path):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  from feallm_jax import config_files
+  return config_files.get_config(path)
 
 
 def _apply(config, args):

@@ -5,7 +5,9 @@ Random init (no checkpoints); the bench picks full or LoRA mode with ``--mode``.
 
 import ml_collections
 
-from configs import tiny_synthetic
+from feallm_jax import config_files
+
+tiny_synthetic = config_files.sibling(__file__, "tiny_synthetic")
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -20,7 +20,9 @@ Check a mesh before queueing for it: ``python launch/aot_compile.py --config=con
 
 import ml_collections
 
-from configs import tiny_synthetic
+from feallm_jax import config_files
+
+tiny_synthetic = config_files.sibling(__file__, "tiny_synthetic")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -73,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 10
   t.save_every = 500
   t.keep = 3
+  # Multi-host SIGTERM: JAX's preemption service agrees on the stop step (no per-step collective);
+  # only when it is disabled is the flag all-gathered, every this many steps.
+  t.preemption_check_every = 10
   # Checked before the first step (feallm_jax/preflight.py): known names, datasets built.
   c.eval.suites = ("raf_db", "affectnet_7", "affectnet_8", "bp4d", "disfa")
   c.eval.num_samples = 0      # whole splits

@@ -16,18 +16,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.tokenizer = ""            # '' = the tiny tokenizer in feallm_jax/assets
   c.seeds = tuple(range(1, 11))
-  c.faces_per_seed = 2400      # records per seed; each is rendered with its minimal-pair partner
-  c.minimal_pairs = True      # partner: same person, pose, light, one optional AU toggled
+  c.faces_per_seed = 4800
   c.render_size = 128         # what the synthetic_fea builder stores
   c.workers = 0               # render processes (0 = every core)
   c.probe_faces = 600         # identity-disjoint test faces for the linear probe (measure only)
-  c.probe_every = 1000        # also probe during CLIP training (stage0.json probe_history)
   c.vision = ml_collections.ConfigDict(dict(
       image_size=128, patch_size=32, hidden_size=128, intermediate_size=256, num_layers=3,
       num_heads=4, layer_norm_eps=1e-5, hidden_act="quick_gelu"))
   c.clip = ml_collections.ConfigDict(dict(
       steps=3000, batch_size=128, lr=1e-3, weight_decay=0.05, warmup=100, embed_dim=128,
-      pair_fraction=0.75,
       text_width=128, text_layers=2, text_heads=4, max_len=96))
   c.llm = ml_collections.ConfigDict(dict(
       model_type="llama", hidden_size=192, intermediate_size=512, num_layers=3, num_heads=4,

@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
       rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=1024))
   # Orbax checkpoint in launch/import_hf.py's format ('' = none; backbones start random).
   m.base_checkpoint = SHIPPED_BASE
+  m.init_adapter = ""                  # LCA + projector from adapter alignment ('' = fresh)
   # FEALLM heads.
   m.feature_layer = -2                 # F_L: hidden state index (HF hidden_states order)
   m.multi_layers = (1, 2)              # F_s: hidden states concatenated along tokens
@@ -80,6 +81,13 @@ def get_config() -> ml_collections.ConfigDict:
   d.max_dropped_fraction = 0.01
   d.drop_check_after = 1000
   d.fit_check_examples = 256
+
+  # Adapter alignment (LLaVA's first stage: `python -m launch.align_adapter`): LCA + projector
+  # on captioned stage-0 faces (train pools of seeds 1..10, minimal pairs), towers frozen.
+  c.align = ml_collections.ConfigDict(dict(
+      seeds=tuple(range(1, 11)), faces_per_seed=1200, render_size=128, minimal_pairs=True,
+      steps=2000, batch_size=32, lr=1e-3, weight_decay=0.0, warmup=50, pair_fraction=0.5,
+      max_len=96))
 
   o = c.optim = ml_collections.ConfigDict()
   # Tiny towers take larger steps than the 7B LoRA fine-tuning defaults (1e-4 / 2e-5).

@@ -63,7 +63,6 @@ def heads_forward(spec) -> float:
   if spec.lca is not None:
     c = spec.lca
     r, s, w = c.num_regions, c.crop_size, c.width
-    img = v.image_size
     cin, size = 3, s
     for _ in range(c.depth):
       size = -(-size // 2)

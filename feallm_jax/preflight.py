@@ -229,6 +229,7 @@ def _dataset_problem(config, dataset: str, splits: Sequence[str], what: str,
                    f"under data.data_dir={d.data_dir}",
                    f"build it ({build}), or point --config.data.data_dir at where it is, "
                    f"or {fix_flag}")
+  splits = _split_parts(builders.resolve_split(name, "+".join(splits)))  # test_fold1 -> fold3
   missing = [s for s in splits if s not in b.info.splits]
   if missing:
     return Problem("data", f"{what}: dataset {name} under {d.data_dir} has no split(s) {missing} "

@@ -14,12 +14,9 @@ v5p-8, v6e-8, ...) or a raw topology (v5e:2x4). Needs ``pip install -e '.[tpu]'`
 """
 
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from feallm_jax import aot  # noqa: E402  (no jax import: libtpu flags must be set first)
+from feallm_jax import aot  # before anything imports jax: libtpu flags must be set first
 
 aot.init_libtpu()
 

@@ -5,21 +5,22 @@ not fit that config's ``data.max_len``).
   python launch/build_dataset.py --dataset=synthetic_fea --data_dir=runs/data
   python launch/build_dataset.py --dataset=raf_db --data_dir=runs/data --manual_dir=~/RAF-DB
   python launch/build_dataset.py --dataset=synthetic_fea --config=default --num_train=1000
+  python launch/build_dataset.py --dataset=disfa --data_dir=runs/data --manual_dir=~/DISFA \\
+      --frame_base=0          # frames extracted from 0 (ME-GraphAU, PyTorch-JAANet); auto detects
   python launch/build_dataset.py --dataset=llava_instruct --data_dir=/data/tfds \\
-      --manual_dir=/data/FABA-Instruct --train_config=configs/llava7b_lora.py \\
+      --manual_dir=/data/FABAInstruct --train_config=configs/llava7b_lora.py \\
       --train_config.data.tokenizer=/ckpt/vicuna-7b-v1.5 --train_config.data.max_len=2048
 """
 import json
 import os
-import sys
 
+from absl import app, flags
+from ml_collections import config_flags
+
+from feallm_jax.data import builders
+
+# The repository root, where configs/ lives (used as a file path only).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from feallm_jax.data import builders  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Dataset to build.")
@@ -30,6 +31,22 @@ flags.DEFINE_integer("num_train", None, "synthetic_fea: train size override.")
 flags.DEFINE_integer("num_validation", None, "synthetic_fea: validation size override.")
 flags.DEFINE_integer("num_test", None, "synthetic_fea: test size override.")
 flags.DEFINE_integer("frame_stride", None, "bp4d/disfa: keep every n-th frame.")
+flags.DEFINE_enum("frame_base", None, ["auto", "0", "1"],
+                  "disfa: number of the image file holding the video's first frame (label frame "
+                  "1): 0 for ME-GraphAU / PyTorch-JAANet extractions, 1 for ffmpeg's default "
+                  "(LibreFace). Default auto: detected per subject; the build stops when the "
+                  "files do not tell.")
+flags.DEFINE_string("image_root", None,
+                    "disfa/bp4d: the folder of per-subject frame folders when it is not "
+                    "<manual_dir>/Images|images|img|...; llava_instruct: the folder the JSON "
+                    "image paths are relative to (EmoLA's FABAInstruct: the data/ folder above "
+                    "it; found by itself when it is manual_dir's parent).")
+flags.DEFINE_string("default_split", None,
+                    "llava_instruct: split of JSON files whose path names none (e.g. "
+                    "llava_v1_5_mix665k.json); default train.")
+flags.DEFINE_bool("skip_occluded", None,
+                  "bp4d: leave out frames the AU_OCC occlusion column marks (OpenFace's reading); "
+                  "default keeps them (ME-GraphAU keeps every labelled frame) and counts them.")
 flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset exists.")
 config_flags.DEFINE_config_file(
     "train_config", os.path.join(ROOT, "configs", "tiny_synthetic.py"),
@@ -69,20 +86,32 @@ def main(argv):
   from feallm_jax import console
   console.setup()   # per-split lines and warnings; --verbosity=0 adds tfds' own output
   overrides = {k: getattr(FLAGS, k) for k in
-               ("num_train", "num_validation", "num_test", "frame_stride")
+               ("num_train", "num_validation", "num_test", "frame_stride", "frame_base",
+                "skip_occluded")
                if getattr(FLAGS, k) is not None}
+  if overrides.get("frame_base") == "auto":   # the default: the config keeps its own name
+    del overrides["frame_base"]
+  kwargs = {k: getattr(FLAGS, k) for k in ("image_root", "default_split")
+            if getattr(FLAGS, k) is not None}
   summary = builders.build(FLAGS.dataset, FLAGS.data_dir, config=FLAGS.config,
                            manual_dir=FLAGS.manual_dir, overrides=overrides or None,
-                           overwrite=FLAGS.overwrite)
+                           overwrite=FLAGS.overwrite, **kwargs)
   state = "reused existing" if summary["reused"] else "wrote"
   print(f"{state} {summary['name']}/{summary['config']} at {summary['path']} "
         f"in {summary['seconds']} s")
   for split, n in summary["splits"].items():
     skipped = summary["skipped"].get(split, {})
     extra = f", skipped {skipped}" if skipped else ""
+    noted = summary["noted"].get(split, {})
+    extra += f", kept and counted {noted}" if noted else ""
     print(f"  {split}: {n} examples{extra}")
   if "all" in summary["skipped"]:
     print(f"  before splitting: skipped {summary['skipped']['all']}")
+  if "all" in summary["noted"]:
+    print(f"  before splitting: counted {summary['noted']['all']}")
+  for split, first in summary["skipped_first"].items():
+    for reason, msg in first.items():
+      print(f"  first skipped [{split}/{reason}]: {msg}")
   tc = FLAGS.train_config
   if tc is not None:
     import tensorflow_datasets as tfds

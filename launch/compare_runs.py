@@ -11,12 +11,9 @@ parameters and training FLOPs, one point per run) and <out>.json (the same numbe
 feallm_jax/eval/compare.py.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 flags.DEFINE_list("workdirs", None, "Comma-separated run workdirs (local or gs://).")
 flags.DEFINE_list("metric", ["fer/accuracy", "aur/au_mean_f1"],

@@ -4,14 +4,16 @@ included) at 256 px and at 64 px, its emotion and active AUs written underneath.
   python launch/contact_sheet.py [--out=runs/review/contact_sheet.png]
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-flags.DEFINE_string("out", "runs/review/contact_sheet.png", "Where the PNG goes.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Defined when run as a script only: importing `contact_sheet()` (the test does) must not
+  claim `--out` in the process-wide flag registry other launchers share."""
+  flags.DEFINE_string("out", "runs/review/contact_sheet.png", "Where the PNG goes.")
 
 TILE_W, TILE_H, BIG, SMALL = 256, 330, 256, 64
 
@@ -54,4 +56,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -13,13 +13,10 @@ Every evaluation is appended to <workdir>/eval/index.jsonl (see launch/compare_r
 config value can be overridden, e.g. ``--config.eval.max_new_tokens=64``.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=False)
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -57,8 +54,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   files = results["files"]
-  with open(files["results_md"]) as f:
-    print(f.read())
+  from feallm_jax import paths
+  print(paths.path(files["results_md"]).read_text())
   print(f"wrote {files['results_json']}")
   if "index" in files:
     print(f"indexed in {files['index']}")

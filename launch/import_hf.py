@@ -10,8 +10,6 @@ holds a whole tower), then written with Orbax; see ``feallm_jax/weights/base_che
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags, logging
 
 flags.DEFINE_string("vision", "", "Local HF CLIPVisionModel or CLIPModel dir ('' = no vision).")
@@ -33,7 +31,8 @@ def import_hf(vision_dir: str, llm_dir: str, out: str, *, dtype: str = "float32"
     raise ValueError("--out is required")
   if not vision_dir and not llm_dir:
     raise ValueError("pass --vision and/or --llm")
-  if os.path.isdir(out) and os.listdir(out) and not overwrite:
+  from feallm_jax import paths
+  if paths.path(out).is_dir() and any(paths.path(out).iterdir()) and not overwrite:
     raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
   mesh = sharding.make_mesh({"data": 1, "fsdp": fsdp, "tensor": 1})
   with sharding.mesh_rules(mesh):

@@ -15,10 +15,8 @@ or a photo with no face, exits non-zero with a message before any model is loade
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Optional configs/*.py (default: the run's).",
                                 lock_config=False)
@@ -79,8 +77,9 @@ def run_config(workdir: str, checkpoint: str):
   import ml_collections
   from feallm_jax.eval import feabench
   from feallm_jax.train import checkpoint as ckpt_lib
+  from feallm_jax import paths
   run_dir, step = feabench.resolve_checkpoint(workdir, checkpoint or None)
-  if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+  if not (paths.path(run_dir) / "checkpoints").exists():
     fail(EXIT_NO_MODEL, f"{run_dir}: no checkpoints/ (train first, or pass --workdir of a run)")
   ckpt = ckpt_lib.Checkpointer(run_dir, ml_collections.ConfigDict({"train": {"keep": 1}}),
                                read_only=True)

@@ -27,6 +27,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from feallm_jax import console
+  console.setup()   # quiet libraries (Orbax, tfds); --verbosity=0 brings their INFO back
   if not FLAGS.out:
     raise app.UsageError("--out is required (the base checkpoint directory to write)")
   from feallm_jax.pretrain import stage0

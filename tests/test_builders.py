@@ -168,16 +168,18 @@ def test_llava_instruct(tmp_path):
       assert int(r["emotion"]) == -1
 
 
-@pytest.mark.xfail(strict=True, reason='known failure after the issue-13/15/17 merges (RngCount trace level / fixture line); issue 15 stays open')
 def test_llava_malformed_entry_names_line(tmp_path):
   fx.make_llava(str(tmp_path / "raw"), malformed=True)   # entry 2's turn 1 is from "human"
   path = tmp_path / "raw" / "faba_train.json"
-  # The fixture writes json.dump(indent=1): every top-level entry opens on a line " {".
-  starts = [i + 1 for i, ln in enumerate(path.read_text().splitlines()) if ln == " {"]
-  assert len(starts) >= 3
+  # The fixture writes json.dump(indent=1): every top-level entry opens on a line " {", and
+  # holds 5 good entries then one per bad image kind (7: the old ``== 5`` here was the fault).
+  text = path.read_text().splitlines()
+  starts = [i + 1 for i, ln in enumerate(text) if ln == " {"]
+  assert len(starts) == 5 + len(fx.BAD_KINDS)
   line = starts[2]
+  assert text[line] == '  "id": "train-2",'      # the broken entry opens on that line
   with pytest.raises(common.LabelFileError,
-                     match=rf"faba_train\.json:{line}: turn 1 is from") as err:
+                     match=rf"faba_train\.json:{line}: entry 2: turn 1 is from") as err:
     builders.build("llava_instruct", str(tmp_path / "data"), manual_dir=str(tmp_path / "raw"))
   assert err.value.line == line
 

@@ -4,7 +4,6 @@ import glob
 import json
 import logging
 import os
-import resource
 import signal
 import struct
 import subprocess

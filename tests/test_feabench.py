@@ -3,7 +3,6 @@ checkpoint saved through train/checkpoint.py (every output file and metric prese
 import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """Round trip: tfds build -> data_source -> Grain pipeline -> batches of docs/interfaces.md."""
-import json
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ stage 1 loads through `model.base_checkpoint`, and the shipped base checkpoint i
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from flax import nnx
 from configs import pretrain_tiny, tiny_synthetic
 from feallm_jax import sharding
 from feallm_jax.data import facs, instructions, synthetic
-from feallm_jax.models import feallm, vision as vision_lib
+from feallm_jax.models import feallm, layers, vision as vision_lib
 from feallm_jax.pretrain import SHIPPED_BASE, captions, clip, faces, lm, stage0
 from feallm_jax.weights import base_checkpoint
 
@@ -176,3 +175,96 @@ def test_shipped_base_checkpoint_matches_its_recorded_config_and_fingerprint():
   assert t.model.base_checkpoint == SHIPPED_BASE
   assert t.model.vision.image_size == v["image_size"]
   assert t.model.llm.hidden_size == q["hidden_size"]
+
+
+def test_minimal_pairs_differ_in_one_optional_au_of_the_same_person():
+  d = faces.render([3], 24, 64, workers=1, pairs=True)
+  assert len(d["emotion"]) == 48
+  toggled = set()
+  for k in range(24):
+    a, b = 2 * k, 2 * k + 1
+    assert d["subject"][a] == d["subject"][b] and d["seed"][a] == d["seed"][b]
+    sa, sb = set(faces.active(d["au_present"][a])), set(faces.active(d["au_present"][b]))
+    name = facs.EMOTIONS[int(d["emotion"][a])]
+    if name == "neutral":   # the partner shows an expression of another emotion
+      assert not sa and sb and d["emotion"][b] != d["emotion"][a]
+      continue
+    assert d["emotion"][a] == d["emotion"][b]
+    diff = sa ^ sb
+    # One AU (AU26/AU16 switched on bring AU25 along), never a required one, and the label
+    # stays EMFACS-consistent.
+    assert 1 <= len(diff) <= 2 and (len(diff) == 1 or 25 in diff), (name, sa, sb)
+    assert not diff & synthetic.REQUIRED_AUS[name]
+    assert facs.emfacs_consistent(name, sorted(sb))
+    toggled |= diff
+    # Same pose and lighting: the pixels differ only where the face moved (not the background).
+    px = np.abs(d["image"][a].astype(int) - d["image"][b]).sum(-1) > 40
+    assert px.any() and not px[:, :6].any() and not px[:6].any()
+  assert toggled & {10, 17, 24}
+
+
+def test_reuse_llm_from_refuses_an_llm_trained_with_other_settings(tiny_stage0, tmp_path):
+  c, out, _ = tiny_stage0
+  other = c.copy_and_resolve_references()
+  other.lm.steps = int(c.lm.steps) + 1
+  with pytest.raises(ValueError, match=r"reuse_llm_from=.*lm differ"):
+    stage0.pretrain_backbones(other, str(tmp_path / "x"), reuse_llm_from=out)
+  assert not (tmp_path / "x").exists()      # refused before anything ran or was written
+
+
+def test_adapter_alignment_trains_only_the_adapter_and_stage1_starts_from_it(tiny_stage0,
+                                                                             tmp_path):
+  from feallm_jax.pretrain import align
+  _, base, _ = tiny_stage0
+  meta = base_checkpoint.read_meta(base)
+  v, q = meta["vision_hf_config"], meta["llm_hf_config"]
+  cfg = tiny_synthetic.get_config()
+  cfg.model.base_checkpoint = base
+  cfg.model.vision.update(image_size=v["image_size"], patch_size=v["patch_size"],
+                          hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                          num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"])
+  cfg.model.llm.update(hidden_size=q["hidden_size"], intermediate_size=q["intermediate_size"],
+                       num_layers=q["num_hidden_layers"], num_heads=q["num_attention_heads"],
+                       num_kv_heads=q["num_key_value_heads"], head_dim=q["head_dim"])
+  cfg.model.multi_layers = (1,)
+  cfg.model.lca.update(crop_size=8, depth=1, width=16, num_heads=2)
+  cfg.model.projector_heads = 2
+  cfg.align.update(steps=4, batch_size=4, warmup=1, lr=1e-2)
+  data = faces.render([1], 8, v["image_size"], workers=1, pairs=True)
+  out = str(tmp_path / "adapter")
+  rec = align.align_adapter(cfg, data, out, log_every=1)
+  assert len(rec["history"]) == 4 and all(np.isfinite(h["loss"]) for h in rec["history"])
+  mesh = sharding.single_device_mesh()
+  flat = lambda m, f: {"/".join(map(str, p)): np.asarray(x.get_value())  # noqa: E731
+                       for p, x in nnx.to_flat_state(nnx.state(m, f))}
+  frozen_cfg = cfg.copy_and_resolve_references()
+  frozen_cfg.model.train_llm = "frozen"
+  start = feallm.build_model(frozen_cfg, mesh, log=False)     # what alignment started from
+  trained = rec["model"]
+  a0, a1 = flat(start, align.adapter_filter()), flat(trained, align.adapter_filter())
+  assert any(k.startswith("lca/") for k in a1) and any(k.startswith("projector/") for k in a1)
+  # Every adapter module moved; the towers are exactly the base checkpoint's (frozen).
+  assert {k.split("/")[0] for k in a1} == {
+      k.split("/")[0] for k in a1 if not np.array_equal(a0[k], a1[k])}
+  towers = nnx.All(layers.BaseParam)
+  t0, t1 = flat(start, towers), flat(trained, towers)
+  assert t0 and all(np.array_equal(t0[k], t1[k]) for k in t0)
+  # Stage 1 (LoRA on) starts from exactly the aligned weights; LoRA itself starts fresh.
+  loaded = feallm.build_model(cfg, mesh, log=False)
+  with sharding.mesh_rules(mesh):
+    align.restore_into(out, loaded, cfg)
+  a2 = flat(loaded, align.adapter_filter())
+  assert a2.keys() == a1.keys() and all(np.array_equal(a1[k], a2[k]) for k in a1)
+  assert any("lora" in k for k in flat(loaded, nnx.Param)) and not any("lora" in k for k in a2)
+  # Refused, naming the flag, when the model or the base checkpoint differ.
+  wider = cfg.copy_and_resolve_references()
+  wider.model.lca.width = 32
+  with pytest.raises(align.AdapterError, match=r"init_adapter=.*model\.lca differ"):
+    align.restore_into(out, loaded, wider)
+  with open(os.path.join(out, "adapter.json")) as f:
+    stored = json.load(f)
+  stored["base_fingerprint"] = "0" * 64
+  with open(os.path.join(out, "adapter.json"), "w") as f:
+    json.dump(stored, f)
+  with pytest.raises(align.AdapterError, match="aligned on base checkpoint 0000"):
+    align.restore_into(out, loaded, cfg)

@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import math
-import os
 import sys
 import threading
 from typing import Any, Iterator, Sequence
@@ -75,6 +74,7 @@ def data_source(config, dataset: str | None = None, split: str = "train", *,
     log.info("building %s/%s under %s (first use)", name, cfg, d.data_dir)
     builders.build(name, d.data_dir, config=cfg)
     b = builders.make_builder(name, d.data_dir, config=cfg)
+  split = builders.resolve_split(name, split)   # bp4d/disfa: test_fold1 -> fold3, ...
   if decode_images:
     return b.as_data_source(split=split)
   import tensorflow_datasets as tfds
@@ -105,8 +105,9 @@ DROP_REASONS: dict[str, str] = {
     "image_past_max_len": "the <image> token sits past max_len: raise --config.data.max_len",
     "empty_answer": "no answer token is left within max_len: raise --config.data.max_len "
                     "(or fix conversations that have no answer)",
-    "image_token_count": "the conversation holds zero or several <image> tokens: fix the data "
-                         "(exactly one per conversation)",
+    "image_token_count": "the conversation holds several <image> tokens (or a generated one "
+                         "none): fix the data (one per conversation; a record's own "
+                         "conversation without one is a text-only row)",
     "bad_image": "undecodable image bytes: rebuild the dataset with launch/build_dataset.py "
                  "--overwrite",
     "no_task": "none of config.data.tasks is allowed by the record's labels: set "
@@ -313,6 +314,19 @@ def batch_signature(config, batch_size: int, *, train: bool = True
   return sig
 
 
+def image_count_ok(n_img: int, rec: dict) -> bool:
+  """One ``<image>``; or none in a record's *own* conversation: a text-only row (LLaVA mixes
+  hold ~40k; llava_instruct keeps them with a placeholder image). The model masks the visual
+  slots of a row without ``<image>`` (``feallm.expansion_index``)."""
+  return n_img == 1 or (n_img == 0 and bool(rec.get("conversations")))
+
+
+def text_limit(max_len: int, n_img: int) -> int:
+  """Tokens a row may keep: a text-only row one fewer, since the model's expansion puts its
+  (masked) visual slots at position max_len - 1 and drops the token there."""
+  return max_len if n_img else max_len - 1
+
+
 def fit_length(ids: np.ndarray, loss: np.ndarray, max_len: int, image_id: int,
                keep_tail: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
   """Cut a sequence to max_len without ever removing the image placeholder.
@@ -325,6 +339,9 @@ def fit_length(ids: np.ndarray, loss: np.ndarray, max_len: int, image_id: int,
   if n <= max_len:
     return ids, loss, False
   pos = np.flatnonzero(ids == image_id)
+  if len(pos) == 0:     # a text-only row (image_count_ok): no placeholder to protect
+    keep = slice(n - max_len, n) if keep_tail else slice(0, max_len)
+    return ids[keep], loss[keep], True
   if len(pos) != 1:
     raise Unfit("image_token_count", f"{n} tokens need cutting to max_len={max_len}: expected "
                 f"exactly one image token, found {len(pos)}")
@@ -484,11 +501,11 @@ class TrainExample(grain.transforms.Map):
     ids, loss = _encode(tok, tokenizer_lib.encode_conversation, conv, rec["id"])
     img_id = tokenizer_lib.image_token_id(tok)
     n_img = int((ids == img_id).sum())
-    if n_img != 1:
+    if not image_count_ok(n_img, rec):
       raise Unfit("image_token_count", f"record {rec['id']!r}: conversation must hold exactly "
                   f"one {tokenizer_lib.IMAGE_TOKEN}, got {n_img}")
     first = np.flatnonzero(loss)
-    ids, loss, cut = fit_length(ids, loss, s.max_len, img_id)
+    ids, loss, cut = fit_length(ids, loss, text_limit(s.max_len, n_img), img_id)
     if not loss.any():
       raise Unfit("empty_answer", f"record {rec['id']!r}: no answer token within "
                   f"max_len={s.max_len}" if len(first) else
@@ -876,6 +893,7 @@ def length_report(config, source, *, num_examples: int = 0, seed: int | None = N
     log.warning("visual-token count unavailable (%s): LLM lengths not reported", e)
     visual = None
   lengths, drops, truncated = [], DropLog(examples=len(idx)), 0
+  llm_lengths = []
   for i in idx:
     rec = _clean_record(source[int(i)])
     try:
@@ -883,10 +901,11 @@ def length_report(config, source, *, num_examples: int = 0, seed: int | None = N
       ids, loss = _encode(tok, tokenizer_lib.encode_conversation, conv, rec["id"])
       lengths.append(len(ids))
       n_img = int((ids == img_id).sum())
-      if n_img != 1:
+      llm_lengths.append((len(ids), n_img))
+      if not image_count_ok(n_img, rec):
         raise Unfit("image_token_count", f"{n_img} image tokens")
       first = np.flatnonzero(loss)
-      _, kept, cut = fit_length(ids, loss, max_len, img_id)
+      _, kept, cut = fit_length(ids, loss, text_limit(max_len, n_img), img_id)
       if not kept.any():
         raise Unfit("empty_answer", "no answer", needed=int(first[0]) + 1 if len(first) else 0)
       truncated += int(cut)
@@ -895,12 +914,13 @@ def length_report(config, source, *, num_examples: int = 0, seed: int | None = N
   out: dict[str, Any] = dict(
       examples=int(len(idx)), of=int(n), max_len=max_len, tokenizer=d.tokenizer or "tiny",
       text_tokens=_percentiles(lengths), truncated=truncated, dropped=drops.dropped,
-      dropped_by_reason={r: drops.counts[r] for r in DROP_REASONS if r in drops.counts}, first_ids={k: v for k, v in drops.ids.items()},
+      dropped_by_reason={r: drops.counts[r] for r in DROP_REASONS if r in drops.counts},
+      first_ids={k: v for k, v in drops.ids.items()},
       needed_max_len=drops.needed_len, describe=drops.describe(max_len),
       fits_untruncated=int(max(lengths)) if lengths else 0)
   if visual is not None:
     out["visual_tokens"] = int(visual)   # tokens the single <image> placeholder becomes
-    out["llm_tokens"] = _percentiles([x - 1 + visual for x in lengths])
+    out["llm_tokens"] = _percentiles([x - 1 + visual if n else x for x, n in llm_lengths])
   return out
 
 

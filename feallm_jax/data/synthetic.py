@@ -358,7 +358,6 @@ def _shape(ident: Identity, aus: Mapping[int, float], unilateral: bool) -> _Shap
     dx = 0.028 * k12 - 0.018 * k14 + 0.05 * k(20) - 0.005 * k(15)
     corner[s] = (dx, dy, k12, k14)
   u = np.linspace(-1, 1, 21)
-  sgn = np.where(u < 0, -1, 1)
   cdx = np.where(u < 0, corner[-1][0], corner[1][0])
   cdy = np.where(u < 0, corner[-1][1], corner[1][1])
   xs = mx + u * (hw + cdx)

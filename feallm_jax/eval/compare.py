@@ -23,6 +23,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from feallm_jax import paths
 from feallm_jax.eval import report, store
 
 DEFAULT_METRICS = ("fer/accuracy", "aur/au_mean_f1")
@@ -244,8 +245,9 @@ def compare(workdirs: Sequence[str], metrics: Sequence[str] = DEFAULT_METRICS,
   columns, missing = resolve_metrics(runs, metrics)
   rows = table_rows(runs, columns)
   curves, points = step_curves(rows, columns), scaling_points(rows, columns)
+  out = paths.resolve(out)                       # local or gs://
   files = outputs(out)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  paths.path(out).parent.mkdir(parents=True, exist_ok=True)
   table = markdown_table(rows, columns)
   notes = [f"- {req}: not in {', '.join(names)}" for req, names in missing.items()]
   no_size = sorted({r["run"] for r in rows if not r.get("trainable_params")})
@@ -264,10 +266,9 @@ def compare(workdirs: Sequence[str], metrics: Sequence[str] = DEFAULT_METRICS,
          f"![metrics against training step]({os.path.basename(files['steps_png'])})", "",
          f"![metrics against trainable parameters and training FLOPs]"
          f"({os.path.basename(files['scaling_png'])})", ""]
-  with open(files["markdown"], "w") as f:
-    f.write("\n".join(md))
-  plot_steps(curves, label_modes(rows)).savefig(files["steps_png"])
-  plot_scaling(points).savefig(files["scaling_png"])
+  paths.path(files["markdown"]).write_text("\n".join(md))
+  report.save_figure(plot_steps(curves, label_modes(rows)), files["steps_png"])
+  report.save_figure(plot_scaling(points), files["scaling_png"])
   result = dict(runs={r.name: r.workdir for r in runs}, metrics=columns, missing=missing,
                 rows=rows, step_curves=curves, scaling_points=points, files=files, table=table)
   report.write_json(files["json"], result)

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from feallm_jax import paths
+
 
 def region_scores(attention: Mapping[str, Any], row: int = 0) -> np.ndarray | None:
   """Mean attention each of the 16 regions receives (heads and queries averaged), summing to 1.
@@ -57,20 +59,21 @@ def save_overlay(path: str, face: np.ndarray, boxes: np.ndarray, scores: np.ndar
   ax = fig.subplots()
   draw_overlay(ax, face, boxes, scores, names, title)
   fig.tight_layout()
-  fig.savefig(path)
+  from feallm_jax.eval import report
+  report.save_figure(fig, path)        # local or gs://
 
 
 def overlay_path(workdir: str, image: str, out: str = "") -> str:
   """Where ``predict --explain`` saves its overlay: ``out``, else
   ``<workdir>/predictions/<image stem>_regions.png`` (never the current directory); the
-  folder is created."""
+  folder is created (local or gs://)."""
   if out:
-    path = os.path.abspath(os.path.expanduser(out))
+    path = paths.resolve(out)
   else:
     stem = os.path.splitext(os.path.basename(image))[0]
-    run_dir = os.path.abspath(os.path.expanduser(workdir)).rstrip("/")
+    run_dir = paths.resolve(workdir)
     if os.path.basename(os.path.dirname(run_dir)) == "checkpoints":   # a checkpoints/<step> dir
       run_dir = os.path.dirname(os.path.dirname(run_dir))
     path = os.path.join(run_dir, "predictions", f"{stem}_regions.png")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  paths.path(path).parent.mkdir(parents=True, exist_ok=True)
   return path

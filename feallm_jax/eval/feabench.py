@@ -3,8 +3,10 @@
 Suites (``SUITES``): ``synthetic_fea`` (test split, all four tasks; builds itself on first use)
 is the embedded default; ``raf_db`` (7-way FER), ``affectnet_7`` / ``affectnet_8`` (FER),
 ``bp4d`` (12-AU F1) and ``disfa`` (8-AU F1) read the tfds builders under
-``config.data.data_dir`` zero-shot. A suite whose data is not built fails with the builder name
-and the command that builds it.
+``config.data.data_dir`` zero-shot. For bp4d / disfa the headline ``au_mean_f1`` is the
+published protocol's 3-fold mean (F1 per subject part, averaged; ``au_mean_f1_pooled`` is
+the F1 over all records, ``folds`` each part's own numbers). A suite whose data is not built
+fails with the builder name and the command that builds it.
 
 Modes:
 * ``generate``: every answer is generated (greedy unless ``config.eval.temperature`` > 0) and
@@ -17,8 +19,9 @@ A prompt that cannot be fitted into ``data.max_len`` (``pipeline.Unfit``: its ``
 ``max_len``, an undecodable image, ...) is scored as unanswerable: no prediction (wrong), and
 counted per task (``unanswerable``) and per reason (``num_unanswerable``, ``unanswerable``).
 
-``evaluate(config, workdir, ...)`` restores a training checkpoint; ``evaluate_model(model,
-config, ...)`` takes a live model (notebooks).
+``evaluate(config, workdir, ...)`` restores a training checkpoint (or, with ``model=``, takes the
+training loop's live state as that step: the loop's periodic and final evaluations);
+``evaluate_model(model, config, ...)`` takes a live model and writes no index (notebooks).
 
 Where results go (``eval/store.py``): every evaluation gets its own folder,
 ``<workdir>/eval/step_<N>_<mode>_<suites>[-<tasks>]_n<samples>_<key>``, where ``key`` hashes the
@@ -39,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from feallm_jax import paths
 from feallm_jax.data import facs
 from feallm_jax.eval import generate as gen
 from feallm_jax.eval import metrics, parse, store
@@ -268,6 +272,10 @@ def suite_metrics(records: Sequence[Mapping[str, Any]], suite: Suite, mode: str)
       else:
         am = metrics.au_f1(np.zeros((0, len(au_set))), np.zeros((0, len(au_set))), au_set)
       am["unparsed"] = sum(r["aus_pred"] is None for r in judged)
+      folds = fold_au_f1(judged, au_set, suite.dataset)
+      if folds:
+        am = three_fold_mean(am, folds)
+        summ.update(au_mean_f1_pooled=am["pooled_mean_f1"])
       per["aus"] = am
       summ.update(au_mean_f1=am["mean_f1"], aus_unparsed=am["unparsed"])
     if task == "reasoning":
@@ -285,6 +293,47 @@ def suite_metrics(records: Sequence[Mapping[str, Any]], suite: Suite, mode: str)
   return dict(dataset=suite.dataset, split=suite.split, mode=mode,
               num_samples=len(records), num_unanswerable=sum(unfit.values()),
               unanswerable=unfit, tasks=tasks, summary=summary)
+
+
+def fold_au_f1(judged: Sequence[Mapping[str, Any]], au_set, dataset: str) -> dict[str, dict]:
+  """Per-fold AU F1 of a BP4D / DISFA suite: {'fold<k>': au_f1 over the records of subject
+  part k} (the part is read from the record id's subject, ``F001_T1_2440`` / ``SN001_00001``).
+  Empty for other datasets."""
+  from feallm_jax.data import builders
+  from feallm_jax.data.builders import common
+  name = dataset.split("/")[0]
+  if name not in builders.FOLD_DATASETS or not judged:
+    return {}
+  parts = common.BP4D_FOLDS if name == "bp4d" else common.DISFA_FOLDS
+  by: dict[str, list] = {}
+  for r in judged:
+    k = common.fold_of(str(r["id"]).split("_")[0].upper(), parts)
+    if k is not None:
+      by.setdefault(f"fold{k + 1}", []).append(r)
+  out = {}
+  for f in sorted(by):
+    rows = by[f]
+    t = np.asarray([r["au_annotation"] for r in rows], np.int64)
+    p = np.stack([metrics.aus_to_vector(r["aus_pred"], au_set) for r in rows])
+    out[f] = metrics.au_f1(t, p, au_set)
+  return out
+
+
+def three_fold_mean(pooled: dict, folds: dict[str, dict]) -> dict:
+  """The published BP4D / DISFA number: F1 per test fold, averaged over the folds (JAA-Net,
+  ME-GraphAU; EmoLA llava/eval/calculate_threefolds_AU.py: per-AU mean over folds, then the
+  mean). ``mean_f1`` / ``per_au_f1`` become those means; the F1 over all records pooled stays as
+  ``pooled_mean_f1`` / ``pooled_per_au_f1``; ``folds`` holds each fold's own numbers."""
+  out = dict(pooled)
+  aus = list(pooled["per_au_f1"])
+  out["pooled_mean_f1"], out["pooled_per_au_f1"] = pooled["mean_f1"], pooled["per_au_f1"]
+  out["per_au_f1"] = {a: float(np.mean([f["per_au_f1"][a] for f in folds.values()]))
+                      for a in aus}
+  out["mean_f1"] = float(np.mean([f["mean_f1"] for f in folds.values()]))
+  out["folds"] = {k: dict(mean_f1=f["mean_f1"], per_au_f1=f["per_au_f1"],
+                          num_samples=f["num_samples"]) for k, f in folds.items()}
+  out["fold_mean_over"] = sorted(folds)
+  return out
 
 
 # --- what an evaluation is --------------------------------------------------------------------
@@ -417,8 +466,8 @@ def resolve_checkpoint(workdir: str, checkpoint: int | str | None) -> tuple[str,
     return workdir, None
   if isinstance(checkpoint, (int, np.integer)) or str(checkpoint).isdigit():
     return workdir, int(checkpoint)
-  path = os.path.abspath(os.path.expanduser(str(checkpoint)))
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  path = paths.resolve(str(checkpoint))          # local or gs://
+  if (paths.path(path) / "checkpoints").exists():
     return path, None
   base = os.path.basename(path.rstrip("/"))
   parent = os.path.dirname(path.rstrip("/"))
@@ -438,7 +487,7 @@ def load_model(config, workdir: str, checkpoint: int | str | None = None, mesh=N
   from feallm_jax.train import checkpoint as ckpt_lib
   config = preflight.resolve_backbones(config)
   run_dir, step = resolve_checkpoint(workdir, checkpoint)
-  if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+  if not (paths.path(run_dir) / "checkpoints").exists():
     raise FileNotFoundError(f"{run_dir}: no checkpoints/ directory (train first with "
                             f"launch/train.py --workdir={run_dir})")
   mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
@@ -452,15 +501,20 @@ def load_model(config, workdir: str, checkpoint: int | str | None = None, mesh=N
 def evaluate(config, workdir: str, checkpoint: int | str | None = None,
              suites: Sequence[str] | str | None = None, mode: str | None = None, *,
              out_dir: str | None = None, progress: bool = True,
-             tasks: Sequence[str] | None = None, logger=None) -> dict:
+             tasks: Sequence[str] | None = None, logger=None, model=None) -> dict:
   """Restores ``workdir``'s checkpoint (latest unless given) and evaluates it.
 
   Outputs go to ``out_dir`` (default ``<workdir>/eval/<store.folder_name(step, mode,
-  settings)>``); the evaluation is appended to ``<workdir>/eval/index.jsonl`` and its headline
-  metrics are logged through ``logger`` (a ``train.metrics_log.MetricsLogger``; one is opened on
-  ``workdir`` when None) as ``eval/<mode>/<suite>/<task>/<metric>``.
-  Suite names and their datasets are checked before the model is built
-  (``preflight.check_suites``).
+  settings)>``; ``workdir`` local or ``gs://``); the evaluation is appended to
+  ``<workdir>/eval/index.jsonl`` and its headline metrics are logged through ``logger`` (a
+  ``train.metrics_log.MetricsLogger``; one is opened on ``workdir`` when None) as
+  ``eval/<mode>/<suite>/<task>/<metric>``. Suite names and their datasets are checked before the
+  model is built (``preflight.check_suites``).
+
+  ``model`` (the training loop's live state, ``Trainer.merge``) is evaluated as step
+  ``checkpoint`` of ``workdir`` instead of restoring it: nothing is rebuilt and the base weights
+  are not read again. Its folder, key and numbers are those an offline evaluation of the saved
+  step gives.
   """
   from feallm_jax import compile_cache, console, preflight
   from feallm_jax.train import metrics_log
@@ -471,23 +525,27 @@ def evaluate(config, workdir: str, checkpoint: int | str | None = None,
   if problems:
     raise preflight.PreflightError(problems)
   mode, chosen = plan(config, suites, mode, tasks)     # bad names fail before the restore
-  run_dir, _ = resolve_checkpoint(workdir, checkpoint)
-  run_dir = os.path.abspath(run_dir)
-  extra = {"checkpoint_run": run_dir} if run_dir != os.path.abspath(workdir) else None
-  model, step = load_model(config, workdir, checkpoint)
+  workdir = paths.resolve(workdir)                      # a gs:// URL stays a URL
+  if model is None:
+    run_dir, _ = resolve_checkpoint(workdir, checkpoint)
+    run_dir = paths.resolve(run_dir)
+    model, step = load_model(config, workdir, checkpoint)
+  elif isinstance(checkpoint, (int, np.integer)) or str(checkpoint).isdigit():
+    run_dir, step = workdir, int(checkpoint)
+  else:
+    raise ValueError(f"evaluate(model=...): checkpoint must be the model's step, got "
+                     f"{checkpoint!r}")
+  extra = {"checkpoint_run": run_dir} if run_dir != workdir else None
   if not out_dir:
     settings = eval_settings(config, chosen, mode, tasks, extra)
     out_dir = os.path.join(store.eval_dir(workdir), store.folder_name(step, mode, settings))
   results = evaluate_model(model, config, [s.name for s in chosen], mode, out_dir,
                            progress=progress, tasks=tasks, extra_settings=extra,
-                           meta=dict(step=step, workdir=os.path.abspath(workdir),
-                                     checkpoint=run_dir))
+                           meta=dict(step=step, workdir=workdir, checkpoint=run_dir))
   if "files" in results:
     entry = store.index_entry(results, out_dir, workdir, replaced=results["replaced"])
     results["files"]["index"] = store.append_index(workdir, entry)
     log.info("evaluation %s indexed in %s", entry["path"], results["files"]["index"])
-  if logger is None and "://" in str(workdir):
-    return results                      # MetricsLogger writes local files only
   own = logger is None
   logger = logger or metrics_log.MetricsLogger(workdir, total_steps=0, progress=False)
   try:

@@ -6,6 +6,7 @@ matplotlib (Agg backend, no display needed) is imported only when files are writ
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -13,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from feallm_jax import paths
 
 
 def _jsonable(x: Any) -> Any:
@@ -33,14 +36,14 @@ def _jsonable(x: Any) -> Any:
 
 
 def write_json(path: str, obj: Any) -> None:
-  with open(path, "w") as f:
+  with paths.path(path).open("w") as f:
     json.dump(_jsonable(obj), f, indent=1, sort_keys=False)
     f.write("\n")
 
 
 def write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> int:
   n = 0
-  with open(path, "w") as f:
+  with paths.path(path).open("w") as f:
     for row in rows:
       f.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
       n += 1
@@ -72,7 +75,7 @@ COLUMNS: tuple[tuple[str, str, bool], ...] = (
 
 def markdown(results: Mapping[str, Any]) -> str:
   """One table row per (suite, task) with the headline metrics (percent where a rate)."""
-  lines = [f"# FEABench results", ""]
+  lines = ["# FEABench results", ""]
   meta = results.get("meta", {})
   if meta:
     lines += [", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))),
@@ -128,18 +131,26 @@ def confusion_png(path: str, confusion: Sequence[Sequence[int]], labels: Sequenc
   if title:
     ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path)
+  save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+  """Saves a matplotlib figure to ``path``, local or gs:// (rendered in memory, written through
+  epath; the format follows the extension, PNG without one)."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format=os.path.splitext(str(path))[1][1:].lower() or "png")
+  paths.path(path).write_bytes(buf.getvalue())
 
 
 def write_all(out_dir: str, results: Mapping[str, Any],
               predictions: Mapping[str, Sequence[Mapping[str, Any]]], *,
               final_dir: str | None = None) -> dict[str, Any]:
-  """Writes every output under ``out_dir``; returns ``{kind: path(s)}``.
+  """Writes every output under ``out_dir`` (local or gs://); returns ``{kind: path(s)}``.
 
   ``final_dir``: where the folder will live once moved into place (``eval/store.py`` writes
   into a hidden sibling first); the paths returned and recorded in results.json are under it.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  paths.path(out_dir).mkdir(parents=True, exist_ok=True)
   final = final_dir or out_dir
 
   def where(name: str) -> tuple[str, str]:
@@ -162,7 +173,7 @@ def write_all(out_dir: str, results: Mapping[str, Any],
                     title=f"{suite} / {task}: acc {100 * emo['accuracy']:.1f}%, "
                           f"UAR {100 * emo['uar']:.1f}%")
       files["confusion"][f"{suite}/{task}"] = shown
-  with open(where("results.md")[0], "w") as f:
+  with paths.path(where("results.md")[0]).open("w") as f:
     f.write(markdown(results))
   write_json(where("results.json")[0], {**results, "files": files})
   return files

@@ -36,6 +36,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from feallm_jax import paths
 from feallm_jax.eval import report
 
 log = logging.getLogger(__name__)
@@ -50,15 +51,6 @@ class EvalConflictError(FileExistsError):
 
 class NoIndexError(FileNotFoundError):
   """A workdir has no ``eval/index.jsonl``."""
-
-
-def _remote(path) -> bool:
-  return "://" in str(path)
-
-
-def _path(path):
-  from etils import epath
-  return epath.Path(path)
 
 
 def _canonical(x: Any) -> Any:
@@ -108,7 +100,7 @@ def _describe(ident: Mapping[str, Any]) -> str:
 def check_target(out_dir: str, ident: Mapping[str, Any]) -> bool:
   """True when ``out_dir`` holds this same evaluation (it will be replaced), False when it is
   absent or empty; raises ``EvalConflictError`` when it holds anything else."""
-  p = _path(out_dir)
+  p = paths.path(out_dir)
   if not p.exists():
     return False
   if not p.is_dir():
@@ -141,7 +133,7 @@ def write_results(out_dir: str, results: Mapping[str, Any],
   """Writes every output of one evaluation to ``out_dir``; returns ``(files, replaced)``."""
   ident = identity(results)
   check_target(out_dir, ident)                       # refuse before writing anything
-  if _remote(out_dir):
+  if paths.is_remote(out_dir):
     return _write_remote(out_dir, results, predictions, ident)
   out_dir = os.path.abspath(out_dir)
   parent, name = os.path.split(out_dir.rstrip(os.sep))
@@ -171,7 +163,7 @@ def write_results(out_dir: str, results: Mapping[str, Any],
 def _write_remote(out_dir, results, predictions, ident) -> tuple[dict, bool]:
   """Object stores have no atomic folder rename: write locally, then copy (results.json first,
   so an interrupted copy is still recognised as this evaluation and replaced on a re-run)."""
-  dst = _path(out_dir)
+  dst = paths.path(out_dir)
   with tempfile.TemporaryDirectory() as tmp:
     files = report.write_all(tmp, results, predictions, final_dir=str(dst))
     replaced = check_target(out_dir, ident)
@@ -204,7 +196,7 @@ def index_entry(results: Mapping[str, Any], out_dir: str, workdir: str, *,
                 replaced: bool = False) -> dict[str, Any]:
   """One index line: what was evaluated, how, its headline metrics and where its files are."""
   meta = results.get("meta", {}) or {}
-  if _remote(out_dir) or _remote(workdir):
+  if paths.is_remote(out_dir) or paths.is_remote(workdir):
     base, full = eval_dir(workdir).rstrip("/"), str(out_dir).rstrip("/")
     path = full[len(base) + 1:] if full.startswith(base + "/") else full
   else:                                    # relative to eval/ when inside it, else absolute
@@ -243,8 +235,8 @@ def append_index(workdir: str, entry: Mapping[str, Any]) -> str:
   """Adds one line to ``<workdir>/eval/index.jsonl`` atomically; returns the index path."""
   line = (json.dumps(report._jsonable(entry), ensure_ascii=False) + "\n").encode()
   path = index_path(workdir)
-  if _remote(path):
-    p = _path(path)
+  if paths.is_remote(path):
+    p = paths.path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     old = p.read_bytes() if p.exists() else b""
     if old and not old.endswith(b"\n"):
@@ -280,7 +272,7 @@ def append_index(workdir: str, entry: Mapping[str, Any]) -> str:
 
 def read_index(workdir: str) -> list[dict[str, Any]]:
   """Every line of ``<workdir>/eval/index.jsonl`` (local or gs://), oldest first."""
-  p = _path(index_path(workdir))
+  p = paths.path(index_path(workdir))
   if not p.exists():
     raise NoIndexError(
         f"{workdir}: no eval/index.jsonl, so no indexed evaluation to compare. Evaluate the run "

@@ -1,10 +1,10 @@
 """Building blocks shared by every tower: typed parameters, Dense with an optional LoRA
 adapter, norms, and one attention function.
 
-Freezing is by variable *type* (DESIGN convention 6): weights that come from a pretrained
-checkpoint are ``BaseParam``; adapters are ``nnx.LoRAParam``; new FEALLM weights (Local Clue
-Aggregator, projector) are plain ``nnx.Param``. Filters over these types decide what trains,
-so gradients and optimizer state exist only for trainable weights.
+Freezing is by variable *type* (docs/conventions.md, "Freeze by variable type"): weights that
+come from a pretrained checkpoint are ``BaseParam``; adapters are ``nnx.LoRAParam``; new FEALLM
+weights (Local Clue Aggregator, projector) are plain ``nnx.Param``. Filters over these types
+decide what trains, so gradients and optimizer state exist only for trainable weights.
 """
 
 from __future__ import annotations

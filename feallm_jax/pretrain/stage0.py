@@ -77,22 +77,26 @@ def _prefetch(it: Iterator, depth: int = 3) -> Iterator:
 
 def _fit(model: nnx.Module, loss: Callable, batches: Iterator, *, steps: int, lr: float,
          weight_decay: float, warmup: int, name: str, log_every: int = 100,
-         on_log: Callable[[int, nnx.Module], None] | None = None) -> list[dict]:
-  """AdamW + warmup-cosine on every nnx.Param of `model`; returns the logged history.
+         on_log: Callable[[int, nnx.Module], None] | None = None, wrt=nnx.Param) -> list[dict]:
+  """AdamW + warmup-cosine on the `wrt` parameters of `model` (default: every nnx.Param);
+  returns the logged history. Batches are tuples (positional loss arguments) or one dict.
   `on_log(step, model)` runs after each logged step (e.g. to snapshot a long run)."""
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))
-  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  opt = nnx.Optimizer(model, tx, wrt=wrt)
 
   @nnx.jit
   def step(model, opt, *batch):
-    (l, acc), g = nnx.value_and_grad(loss, has_aux=True)(model, *batch)
+    diff = nnx.DiffState(0, wrt)
+    (l, acc), g = nnx.value_and_grad(loss, argnums=diff, has_aux=True)(model, *batch)
     opt.update(model, g)
     return l, acc
 
   history, t0, acc_l, acc_a = [], time.perf_counter(), [], []
   for i, batch in zip(range(1, steps + 1), _prefetch(batches)):
-    l, a = step(model, opt, *(jnp.asarray(x) for x in batch))
+    args = ((jax.tree.map(jnp.asarray, batch),) if isinstance(batch, dict)
+            else tuple(jnp.asarray(x) for x in batch))
+    l, a = step(model, opt, *args)
     acc_l.append(l)
     acc_a.append(a)
     if i % log_every == 0 or i == steps:
@@ -101,8 +105,6 @@ def _fit(model: nnx.Module, loss: Callable, batches: Iterator, *, steps: int, lr
                  seconds=round(time.perf_counter() - t0, 1))
       history.append(rec)
       acc_l, acc_a = [], []
-      log.info("stage0 %s step %d/%d loss %.4f acc %.3f (%.0f s)", name, i, steps, rec["loss"],
-               rec["accuracy"], rec["seconds"])
       print(f"[stage0] {name} {i}/{steps} loss {rec['loss']:.4f} acc {rec['accuracy']:.3f} "
             f"({rec['seconds']:.0f} s)", flush=True)
       if on_log is not None:
@@ -346,7 +348,8 @@ def pretrain_backbones(config, out_dir: str, *, overwrite: bool = False,
   if n_probe:
     measure(int(config.clip.steps), vision)
     quality = probes[-1]
-  del data, probe_train
+  del data
+  probe_train = None   # frees the probe faces (a del of measure's closure name: ruff F821)
   if reused is None:
     llm, lhist = train_llm(config, tok)
   else:

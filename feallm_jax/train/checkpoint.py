@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import grain.checkpoint as grain_ckpt
 from grain._src.python.dataset import dataset as grain_dataset
+
+from feallm_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +194,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, config, *, base_fingerprint: str = "",
                async_save: bool = True, read_only: bool = False):
-    if "://" not in str(workdir):   # Orbax wants absolute local paths (gs:// etc. pass through)
-      workdir = os.path.abspath(workdir)
-    self.directory = epath.Path(workdir) / "checkpoints"
+    # Orbax wants absolute local paths; gs:// etc. pass through (feallm_jax/paths.py).
+    self.directory = paths.path(workdir) / "checkpoints"
     self.config = config
     self.base_fingerprint = base_fingerprint
     self.read_only = read_only
@@ -337,7 +335,7 @@ class Checkpointer:
       n = 1
       while dst.exists():
         dst, n = dst_root / f"{step}.{n}", n + 1
-      shutil.move(os.fspath(src), os.fspath(dst))
+      src.rename(dst)                  # a directory: local rename or gcsfs recursive move
       log.warning("moved unreadable checkpoint %s to %s", src, dst)
     self.manager.reload()
 
@@ -356,7 +354,7 @@ def check_workdir(config, workdir: str, base_fingerprint: str | None = None) -> 
   built; comparing against '' refused every resume of a run with frozen weights). Returns the
   newest readable checkpoint step, or None for a fresh workdir.
   """
-  directory = epath.Path(workdir) / "checkpoints"
+  directory = paths.path(workdir) / "checkpoints"
   if not directory.exists():
     return None
   ckpt = Checkpointer(workdir, config, base_fingerprint=base_fingerprint or "", read_only=True)

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from feallm_jax import sharding
+from feallm_jax import paths, sharding
 from feallm_jax.train import checkpoint as ckpt_lib
 from feallm_jax.train import metrics_log
 from feallm_jax.train import step as step_lib
@@ -103,21 +103,67 @@ def _check_config(config) -> None:
 # -- SIGTERM ----------------------------------------------------------------------------------
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls at step boundaries (main thread only)."""
+  """SIGTERM (a preempted VM) -> "save and stop at this step boundary", at the same step on every
+  process. Poll ``should_stop(step)`` once per step, before the step runs.
 
-  def __init__(self):
+  * One process: a Python SIGTERM handler sets a flag (no communication at all).
+  * Several processes (``jax.distributed``): JAX's preemption sync manager (what Orbax's
+    ``CheckpointManager.reached_preemption`` asks) catches SIGTERM on any host and the
+    coordination service agrees in the background on a step every host reaches;
+    ``reached_preemption_sync_point(step)`` is then a local check (~0.2 us), where the former
+    ``process_allgather`` of the flag was a host round trip every step (``bench/preemption.py``).
+    Orbax's wrapper turns a disabled service into "never preempted", so its JAX call is made
+    here directly, which tells the two apart.
+  * Several processes without that service (``jax_enable_preemption_service=False``): the
+    Python flag is all-gathered only every ``train.preemption_check_every`` steps, the same steps
+    on every host.
+  """
+
+  def __init__(self, check_every: int = 10):
+    if check_every < 1:
+      raise ValueError(f"train.preemption_check_every must be >= 1, got {check_every}")
+    self.check_every = check_every
     self.requested = False
     self._previous = None
+    self.mode = "flag"
+    if jax.process_count() > 1:
+      self.mode = "jax" if jax.config.jax_enable_preemption_service else "gather"
 
   def __enter__(self):
+    if self.mode != "jax":       # JAX's own notifier owns SIGTERM otherwise
+      self._install()
+    return self
+
+  def _install(self):
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
 
   def _handle(self, signum, frame):
     del frame
     log.warning("signal %d received: saving a checkpoint at the next step boundary", signum)
     self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    """True on every process at the same ``step`` once any process got SIGTERM."""
+    if self.mode == "flag":
+      return self.requested
+    if self.mode == "jax":
+      from jax.experimental import multihost_utils
+      try:
+        hit = multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError as e:      # no sync manager after all: fall back to the flag
+        log.warning("JAX preemption service unavailable (%s); all-gathering the SIGTERM flag "
+                    "every %d steps", e, self.check_every)
+        self.mode = "gather"
+        self._install()
+        return self.should_stop(step)
+      if hit:
+        log.warning("preemption sync point reached at step %d on every process: saving", step)
+      return bool(hit)
+    if step % self.check_every:
+      return False
+    from jax.experimental import multihost_utils
+    return bool(np.max(multihost_utils.process_allgather(np.asarray([int(self.requested)]))))
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -136,20 +182,19 @@ def _global_drops(data_iter):
   return pipeline.DropLog.from_vectors(np.asarray(vectors), ids=drops.ids)
 
 
-def _sync_flag(flag: bool) -> bool:
-  """True on every process when it is True on any (all hosts must stop at the same step)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.max(multihost_utils.process_allgather(np.asarray([int(flag)]))))
-
-
 # -- evaluation -------------------------------------------------------------------------------
 
-def _evaluate(config, workdir: str, step: int,
-              logger: metrics_log.MetricsLogger | None = None):
-  """Evaluates checkpoint ``step`` into its own folder under ``eval/`` (indexed); the headline
-  metrics go to ``logger`` (or a logger ``feabench.evaluate`` opens) as ``eval/<mode>/...``."""
+def _evaluate(config, workdir: str, step: int, logger: metrics_log.MetricsLogger | None = None,
+              *, model=None):
+  """Evaluates step ``step`` into its own folder under ``eval/`` (indexed); the headline metrics
+  go to ``logger`` (or a logger ``feabench.evaluate`` opens) as ``eval/<mode>/...``.
+
+  ``model`` is the live train state (``Trainer.merge``: the trainer's own buffers, trainable +
+  frozen, merged once per evaluation): nothing is rebuilt and the base weights are not read
+  again, so at 7B no second copy of the frozen towers is allocated.
+  ``feabench.evaluate(config, workdir, checkpoint=step)`` gives the same numbers offline from the
+  step's checkpoint.
+  """
   suites = tuple(config.eval.get("suites", ()) or ())
   if not suites:
     return None
@@ -159,7 +204,7 @@ def _evaluate(config, workdir: str, step: int,
     log.warning("evaluation skipped at step %d: feallm_jax.eval.feabench unavailable (%s)", step, e)
     return None
   return feabench.evaluate(config, workdir, checkpoint=step, suites=suites,
-                           mode=config.eval.get("mode", "generate"), logger=logger)
+                           mode=config.eval.get("mode", "generate"), logger=logger, model=model)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -171,7 +216,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   from feallm_jax import compile_cache, console, preflight
   console.setup_once()                # quiet library logs inside absl apps (--verbosity=0: all)
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)    # a gs:// URL stays a URL
   # 0. Everything knowable before the first step (suites, data, checkpoint vs config, tokenizer,
   #    mesh, batch, workdir); the towers' own configs replace the config's backbone fields.
   config = preflight.run(config, workdir)
@@ -185,10 +230,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   mesh = sharding.make_mesh(dict(config.mesh))
   model = feallm.build_model(config, mesh)
+  if config.model.get("init_adapter", ""):
+    from feallm_jax.pretrain import align   # LCA + projector from adapter alignment
+    with sharding.mesh_rules(mesh):
+      align.restore_into(str(config.model.init_adapter), model, config)
   overview = feallm.parameter_overview(model, config)
   trainable = feallm.trainable_filter(config)
   trainer = step_lib.Trainer(config, model, mesh, loss_fn=feallm.loss_fn, trainable=trainable)
-  del model  # its trainable buffers now belong to the train state (donated each step)
+  del model  # the train state holds its own copy of the trainable weights: free this one
   has_frozen = bool(jax.tree.leaves(trainer.frozen))
   fingerprint = base_fingerprint(config, has_frozen=has_frozen)
   # 2. Full check (base fingerprint, trainable shapes) still before anything is written.
@@ -222,7 +271,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if summary.get("preempted"):
     return summary
   if config.train.get("final_eval", True) and config.eval.get("suites", ()):
-    summary["eval"] = _evaluate(config, workdir, summary["final_step"])
+    summary["eval"] = _evaluate(config, workdir, summary["final_step"],
+                                model=trainer.merge(summary["state"]))
   return summary
 
 
@@ -296,9 +346,9 @@ def _run(config, workdir, trainer, state, start, data_iter, ckpt, logger) -> dic
       return False
     return ckpt.save(at, state, data_iter)
 
-  with _Preemption() as preemption:
+  with _Preemption(int(t.get("preemption_check_every", 10))) as preemption:
     while step < num_steps:
-      if _sync_flag(preemption.requested):
+      if preemption.should_stop(step):
         preempted = True
         break
       local = next(data_iter)
@@ -318,8 +368,8 @@ def _run(config, workdir, trainer, state, start, data_iter, ckpt, logger) -> dic
       if eval_every > 0 and step % eval_every == 0 and step < num_steps:
         flush_logs()
         save(step)
-        ckpt.wait()
-        _evaluate(config, workdir, step, logger)
+        # The live state, not the checkpoint: the async save above overlaps the evaluation.
+        _evaluate(config, workdir, step, logger, model=trainer.merge(state))
     flush_logs()
     if lagged is not None:
       check_streak(lagged)

@@ -1,7 +1,9 @@
 """Training metrics to a tqdm bar, ``workdir/metrics.jsonl`` and TensorBoard event files.
 
 Only process 0 writes; other processes keep a silent logger so the loop's code is the same on
-every host. The JSONL file is appended to, so a resumed run continues the same curve.
+every host. The JSONL file is appended to, so a resumed run continues the same curve. ``workdir``
+may be a ``gs://`` URL (``feallm_jax/paths.py``): object stores cannot append, so there the file
+is rewritten whole at each record (its earlier lines are read once, at start).
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+
+from feallm_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +37,21 @@ class MetricsLogger:
   def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
                progress: bool = True, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    root = paths.path(workdir)
+    self.path = root / "metrics.jsonl"
     self._file = self._writer = self._bar = None
+    self._lines: list[str] | None = None        # remote: the whole file, rewritten per record
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._file = open(self.path, "a", encoding="utf-8")
+    root.mkdir(parents=True, exist_ok=True)
+    if paths.is_remote(workdir):
+      self._lines = (self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+                     if self.path.exists() else [])
+    else:
+      self._file = self.path.open("a", encoding="utf-8")
     try:
       from tensorboardX import SummaryWriter
-      self._writer = SummaryWriter(logdir=os.path.join(workdir, "tb"))
+      self._writer = SummaryWriter(logdir=str(root / "tb"))
     except ImportError:  # pragma: no cover - tensorboardX is a pinned dependency
       log.warning("tensorboardX is not installed: no TensorBoard events")
     if progress:
@@ -56,8 +65,13 @@ class MetricsLogger:
     record.update({k: _scalar(v) for k, v in metrics.items()})
     if not self.enabled:
       return record
-    self._file.write(json.dumps(record, allow_nan=True) + "\n")
-    self._file.flush()
+    line = json.dumps(record, allow_nan=True) + "\n"
+    if self._lines is not None:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines), encoding="utf-8")
+    else:
+      self._file.write(line)
+      self._file.flush()
     if self._writer is not None:
       for k, v in record.items():
         if k in ("step", "kind") or isinstance(v, bool):
@@ -93,9 +107,8 @@ class MetricsLogger:
 
 def read(workdir: str, kind: str | None = "train") -> list[dict]:
   """The records of ``workdir/metrics.jsonl`` (optionally of one kind)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
   return [r for r in rows if kind is None or r.get("kind") == kind]

@@ -1,7 +1,7 @@
 """optax AdamW with one learning rate per kind of trainable weight.
 
-Weights are grouped by their *variable type* (DESIGN convention 6), not by name patterns, so a
-new module gets the right learning rate without touching this file:
+Weights are grouped by their *variable type* (docs/conventions.md, "Freeze by variable type"),
+not by name patterns, so a new module gets the right learning rate without touching this file:
 
   ``nnx.LoRAParam``      -> ``optim.lr_lora``   (adapters)
   ``layers.BaseParam``   -> ``optim.lr_base``   (a backbone that trains fully)

@@ -70,7 +70,10 @@ def _micro_batches(batch: Mapping[str, jax.Array], k: int, mesh: Mesh) -> dict[s
 
 
 class Trainer:
-  """Owns the split model, the optimizer and the compiled step for one mesh."""
+  """Owns the split model, the optimizer and the compiled step for one mesh.
+
+  The model handed in stays usable: the train state starts from a copy of its trainable
+  weights and RNG state (the step donates its state), and shares only the frozen weights."""
 
   def __init__(self, config, model: nnx.Module, mesh: Mesh, *, loss_fn: LossFn,
                trainable: Any):
@@ -112,7 +115,12 @@ class Trainer:
     else:
       with jax.set_mesh(mesh):
         state = self._fresh_state(params, rest)
-      self._initial = jax.device_put(state, self.state_shardings)
+      # A copy, never the model's own buffers: the step donates its state, and an aliased
+      # initial state would delete the caller's trainable weights and dropout streams with the
+      # first step (a model still used for evaluation then fails with "Array has been
+      # deleted"). It costs one copy of the trainable weights (LoRA, projector, LCA), not of
+      # the frozen base, which is never donated and stays shared.
+      self._initial = jax.device_put(state, self.state_shardings, may_alias=False)
       self.frozen = jax.device_put(frozen, self.frozen_shardings)
     self._compiled: dict[Any, Any] = {}
 

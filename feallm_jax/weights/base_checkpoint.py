@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from feallm_jax import paths
 from feallm_jax.models import layers, llm as llm_lib, vision as vision_lib
 from feallm_jax.weights import hf
 
@@ -43,15 +43,20 @@ def _base_vars(module: nnx.Module) -> dict[str, nnx.Variable]:
           for path, var in nnx.to_flat_state(nnx.state(module, layers.BaseParam))}
 
 
-def _hash_tree(root: str, h: "hashlib._Hash") -> None:
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
-    for name in sorted(filenames):
-      full = os.path.join(dirpath, name)
-      h.update(os.path.relpath(full, root).encode() + b"\0")
-      with open(full, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-          h.update(chunk)
+def _hash_tree(root, h: "hashlib._Hash", top=None) -> None:
+  """Relative names and contents of every file under ``root`` (an ``epath.Path``, local or
+  gs://), in ``os.walk`` order with sorted names (a directory's files, then its subdirectories),
+  so fingerprints recorded before stay valid and a copy in a bucket hashes the same."""
+  top = root if top is None else top
+  entries = sorted(root.iterdir(), key=lambda p: p.name)
+  dirs = [e for e in entries if e.is_dir()]
+  for full in (e for e in entries if e not in dirs):
+    h.update(str(full.relative_to(top)).encode() + b"\0")
+    with full.open("rb") as f:
+      for chunk in iter(lambda: f.read(1 << 22), b""):
+        h.update(chunk)
+  for d in dirs:
+    _hash_tree(d, h, top)
 
 
 def fingerprint(ckpt_dir: str) -> str:
@@ -59,29 +64,30 @@ def fingerprint(ckpt_dir: str) -> str:
   h = hashlib.sha256()
   for sub in ("state", "tokenizer"):
     h.update(sub.encode() + b"\0")
-    path = os.path.join(ckpt_dir, sub)
-    if os.path.isdir(path):
+    path = paths.path(ckpt_dir) / sub
+    if path.is_dir():
       _hash_tree(path, h)
   return h.hexdigest()
 
 
 def read_meta(ckpt_dir: str) -> dict[str, Any]:
-  path = os.path.join(ckpt_dir, "meta.json")
-  if not os.path.exists(path):
+  path = paths.path(ckpt_dir) / "meta.json"
+  if not path.exists():
     raise FileNotFoundError(f"{ckpt_dir}: not a base checkpoint (no meta.json)")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text(encoding="utf-8"))
 
 
 def save(out_dir: str, vision: vision_lib.VisionEncoder | None, llm: llm_lib.Decoder | None, *,
          vision_hf_config: dict | None, llm_hf_config: dict | None,
          tokenizer_dir: str | None, overwrite: bool = False) -> str:
-  """Writes the base checkpoint; returns its fingerprint. Refuses a non-empty ``out_dir``."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
+  """Writes the base checkpoint (local or gs://); returns its fingerprint. Refuses a non-empty
+  ``out_dir``."""
+  out_dir = paths.resolve(out_dir)
+  out = paths.path(out_dir)
+  if out.is_dir() and any(out.iterdir()):
     if not overwrite:
       raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
-    shutil.rmtree(out_dir)
+    out.rmtree()
   if vision is None and llm is None:
     raise ValueError("base_checkpoint.save: nothing to save (vision and llm are both None)")
   if (vision is None) != (vision_hf_config is None) or (llm is None) != (llm_hf_config is None):
@@ -92,25 +98,24 @@ def save(out_dir: str, vision: vision_lib.VisionEncoder | None, llm: llm_lib.Dec
     if not any(n in copied for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
       raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json, "
                               "tokenizer.model or vocab.json)")
-  os.makedirs(out_dir, exist_ok=True)
+  out.mkdir(parents=True, exist_ok=True)
   parts = {k: m for k, m in (("vision", vision), ("llm", llm)) if m is not None}
   tree = {k: {n: v.get_value() for n, v in _base_vars(m).items()} for k, m in parts.items()}
   ckptr = ocp.StandardCheckpointer()
   try:
     for key, t in tree.items():   # one item per tower: either restores without the other
-      ckptr.save(os.path.join(out_dir, "state", key), t)
+      ckptr.save(out / "state" / key, t)
       ckptr.wait_until_finished()
   finally:
     ckptr.close()
   if tokenizer_dir:
     if jax.process_index() == 0:
-      dst = os.path.join(out_dir, "tokenizer")
-      os.makedirs(dst, exist_ok=True)
+      dst = out / "tokenizer"
+      dst.mkdir(parents=True, exist_ok=True)
       for name in copied:
-        shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(dst, name))
+        (dst / name).write_bytes(paths.path(os.path.join(tokenizer_dir, name)).read_bytes())
       if "config.json" not in copied and llm_hf_config is not None:
-        with open(os.path.join(dst, "config.json"), "w") as f:
-          json.dump(llm_hf_config, f, indent=1)
+        (dst / "config.json").write_text(json.dumps(llm_hf_config, indent=1))
   meta = dict(
       format_version=FORMAT_VERSION,
       vision_hf_config=vision_hf_config, llm_hf_config=llm_hf_config,
@@ -119,8 +124,7 @@ def save(out_dir: str, vision: vision_lib.VisionEncoder | None, llm: llm_lib.Dec
       tokenizer=bool(tokenizer_dir),
       fingerprint=fingerprint(out_dir))
   if jax.process_index() == 0:
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-      json.dump(meta, f, indent=1, sort_keys=True)
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
   return meta["fingerprint"]
 
 
@@ -138,7 +142,7 @@ def restore_into(ckpt_dir: str, vision: vision_lib.VisionEncoder | None,
                  llm: llm_lib.Decoder | None, *, verify_fingerprint: bool = True) -> str:
   """Fills the modules' BaseParams (LoRA and new weights untouched), on their own shardings and
   dtypes. Validates configs, names and shapes first; returns the fingerprint."""
-  ckpt_dir = os.path.abspath(ckpt_dir)
+  ckpt_dir = paths.resolve(ckpt_dir)
   meta = read_meta(ckpt_dir)
   fp = verify(ckpt_dir) if verify_fingerprint else meta["fingerprint"]
   parts = {k: m for k, m in (("vision", vision), ("llm", llm)) if m is not None}
@@ -173,7 +177,8 @@ def restore_into(ckpt_dir: str, vision: vision_lib.VisionEncoder | None,
       target[key][n] = jax.ShapeDtypeStruct(shape, dtype, sharding=shard)
   ckptr = ocp.StandardCheckpointer()
   try:
-    restored = {k: ckptr.restore(os.path.join(ckpt_dir, "state", k), t) for k, t in target.items()}
+    restored = {k: ckptr.restore(paths.path(ckpt_dir) / "state" / k, t)
+                for k, t in target.items()}
   finally:
     ckptr.close()
   for key, vs in variables.items():

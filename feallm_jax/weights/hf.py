@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 import struct as _struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax

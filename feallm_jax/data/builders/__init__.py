@@ -24,6 +24,44 @@ BUILDERS: dict[str, tuple[str, str]] = {
 }
 
 
+# Keyword arguments a builder takes besides data_dir/config (launch/build_dataset.py flags).
+BUILDER_KWARGS: dict[str, tuple[str, ...]] = {
+    "disfa": ("image_root",),
+    "bp4d": ("image_root",),
+    "llava_instruct": ("image_root", "default_split", "detect_faces"),
+}
+
+# BP4D and DISFA splits: ``fold<k>`` holds subject *part* k (common.BP4D_FOLDS / DISFA_FOLDS,
+# listed in the order of ME-GraphAU's tool/BP4D_image_label_process.py and
+# tool/DISFA_image_label_process.py). Published tables (ME-GraphAU, JAA-Net) name a fold by the
+# part it *tests* on: their fold1 trains on parts 1+2 and tests on part 3, fold2 tests on part 2,
+# fold3 on part 1. These split names give that naming; ``part<k>`` is an alias of ``fold<k>``.
+PUBLISHED_FOLDS: dict[int, int] = {1: 3, 2: 2, 3: 1}   # published fold -> the part it tests on
+FOLD_DATASETS = ("bp4d", "disfa")
+
+
+def split_aliases() -> dict[str, str]:
+  """{alias: tfds split} for the fold datasets: test_fold<k>, train_fold<k>, part<k>."""
+  out = {}
+  for k, test in PUBLISHED_FOLDS.items():
+    out[f"test_fold{k}"] = f"fold{test}"
+    out[f"train_fold{k}"] = "+".join(f"fold{p}" for p in (1, 2, 3) if p != test)
+    out[f"part{k}"] = f"fold{k}"
+  return out
+
+
+def resolve_split(name: str, split: str) -> str:
+  """``split`` with the fold aliases of bp4d/disfa replaced (``test_fold1`` -> ``fold3``)."""
+  if name.split("/")[0] not in FOLD_DATASETS:
+    return split
+  aliases = split_aliases()
+  parts = []
+  for p in split.split("+"):
+    base, _, sl = p.partition("[")
+    parts.append(aliases.get(base, base) + (f"[{sl}" if sl else ""))
+  return "+".join(parts)
+
+
 def builder_class(name: str):
   if name not in BUILDERS:
     raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
@@ -42,6 +80,12 @@ def make_builder(name: str, data_dir: str, *, config: str | None = None,
                  **kwargs):
   """A builder; `overrides` replace fields of the named config (e.g. num_train=1000)."""
   cls = builder_class(name)
+  unknown_kw = set(kwargs) - set(BUILDER_KWARGS.get(name, ()))
+  if unknown_kw:
+    takers = {k: sorted(n for n, ks in BUILDER_KWARGS.items() if k in ks) for k in unknown_kw}
+    raise ValueError(f"{name} takes no {sorted(unknown_kw)} (" + "; ".join(
+        f"--{k} applies to {', '.join(v) or 'no dataset'}" for k, v in sorted(takers.items()))
+        + ")")
   cfg = None
   if getattr(cls, "BUILDER_CONFIGS", None):
     by_name = {c.name: c for c in cls.BUILDER_CONFIGS}
@@ -90,8 +134,12 @@ def build(name: str, data_dir: str, *, config: str | None = None, manual_dir: st
           **kwargs) -> dict[str, Any]:
   """Prepare one dataset; returns {name, config, path, splits: {split: n}, skipped, seconds}.
 
-  The skip report (counts by reason and the first skipped ids) is also written next to the
-  data as skipped.json, so a later reader can see what the build left out.
+  ``skipped`` counts what was left out by split and reason (``skipped_first``: the first
+  message of each, naming the file and line); ``noted`` counts what was kept but changed or
+  noticed (text-only conversations, renamed duplicate ids, occluded frames, the detected
+  DISFA frame numbering, ...). Both are also written next to the data as skipped.json, so a
+  later reader can see what the build left out. ``kwargs`` go to the builder (e.g.
+  ``image_root``, ``default_split``).
   """
   import tensorflow_datasets as tfds
   from feallm_jax import console
@@ -117,13 +165,22 @@ def build(name: str, data_dir: str, *, config: str | None = None, manual_dir: st
   report_path = os.path.join(b.data_dir, "skipped.json")
   if not existed:
     with open(report_path, "w") as f:
-      f.write(b.skips.to_json())
+      f.write(b.skips.to_json(noted=b.noted))
   elif os.path.exists(report_path):
     with open(report_path) as f:
       old = json.load(f)
     b.skips.counts.update({(s, r): n for s, d in old["counts"].items() for r, n in d.items()})
+    b.skips.first.update({(s, r): m for s, d in old.get("first", {}).items()
+                          for r, m in d.items()})
+    b.noted.counts.update({(s, r): n for s, d in old.get("noted", {}).items()
+                           for r, n in d.items()})
+    b.noted.first.update({(s, r): m for s, d in old.get("noted_first", {}).items()
+                          for r, m in d.items()})
   return dict(
       name=name, config=b.builder_config.name if b.builder_config else None,
       data_dir=data_dir, path=b.data_dir, reused=existed,
       splits={s: int(info.num_examples) for s, info in b.info.splits.items()},
-      skipped=b.skips.by_reason(), skipped_total=b.skips.total(), seconds=round(secs, 2))
+      skipped=b.skips.by_reason(), skipped_total=b.skips.total(),
+      skipped_first=b.skips.first_by_reason(),
+      noted=b.noted.by_reason(), noted_first=b.noted.first_by_reason(),
+      seconds=round(secs, 2))

@@ -63,7 +63,15 @@ class LabelFileError(ValueError):
 
 
 class SkipImage(Exception):
-  """An example that cannot be used (unreadable image, no face): skipped and counted."""
+  """An example that cannot be used (unreadable image, no face): skipped and counted.
+
+  ``reason`` names the count it goes to; without one it is read from the message (no_face,
+  missing, else unreadable).
+  """
+
+  def __init__(self, message: str, reason: str | None = None):
+    super().__init__(message)
+    self.reason = reason
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -179,22 +187,37 @@ def encode_jpeg(img: Image.Image) -> bytes:
 
 
 def load_face(source, rid: str, *, detect: bool = False,
-              landmarks_px: np.ndarray | None = None):
+              landmarks_px: np.ndarray | None = None, box_px=None):
   """Read, optionally face-crop, normalize and encode one image.
 
   Returns (jpeg bytes, landmarks normalized to the output image or None). `landmarks_px` are
-  pixel coordinates in the source image. With detect=True the face is found with
-  regions.detect_face and cropped (raw photos and video frames); no face -> SkipImage.
+  pixel coordinates in the source image. `box_px` = (x0, y0, x1, y1) pixels: the dataset's own
+  face box (AffectNet's CSV, RAF-DB's *_boundingbox.txt), cropped like a detected face. With
+  detect=True (and no box) the face is found with regions.detect_face and cropped (raw photos
+  and video frames); no face -> SkipImage.
   """
   img = open_image(source, rid)
   lm = None if landmarks_px is None else np.asarray(landmarks_px, np.float64).reshape(-1, 2)
-  if detect:
+  box = None
+  if box_px is not None:
+    x0, y0, x1, y1 = (float(v) for v in box_px)
+    W, H = img.size
+    x0, x1 = max(x0, 0.0), min(x1, float(W))
+    y0, y1 = max(y0, 0.0), min(y1, float(H))
+    if not (x1 - x0 >= 2 and y1 - y0 >= 2):
+      raise SkipImage(f"{rid}: face box {list(box_px)} is empty inside the {W}x{H} image",
+                      reason="bad_face_box")
+    box = np.array([y0 / H, x0 / W, y1 / H, x1 / W])
+  elif detect:
     from feallm_jax.data import regions  # lazy: pulls in cv2 cascades
-    arr = np.asarray(img)
     try:
-      box = regions.detect_face(arr, str(source) if not isinstance(source, bytes) else rid)
+      box = regions.detect_face(np.asarray(img),
+                                str(source) if not isinstance(source, bytes) else rid)
     except regions.NoFaceError as e:
       raise SkipImage(f"{rid}: no face found ({e})") from e
+  if box is not None:
+    from feallm_jax.data import regions
+    arr = np.asarray(img)
     cropped = np.asarray(regions.crop_face(arr, box))
     if lm is not None:
       lm = lm - np.asarray(_crop_origin(box, *arr.shape[:2]))
@@ -220,16 +243,30 @@ def _crop_origin(box, H: int, W: int, margin: float = 0.25) -> tuple[float, floa
 
 @dataclasses.dataclass
 class SkipLog:
-  """Counts and lists every skipped example so nothing is lost silently."""
+  """Counts and lists every skipped example so nothing is lost silently.
+
+  The same class counts what a build *kept but changed or noticed* (``FeaBuilder.noted``:
+  text-only conversations, renamed duplicate ids, occluded frames, ...) with ``warn=False``:
+  those are logged for the first few of each kind only, so a 40k-entry mix stays readable.
+  """
   counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   examples: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+  first: dict = dataclasses.field(default_factory=dict)   # (split, reason) -> first message
   max_listed: int = 1000
+  warn: bool = True
+  logged_per_reason: int = 3
 
   def skip(self, split: str, reason: str, message: str) -> None:
     self.counts[(split, reason)] += 1
+    self.first.setdefault((split, reason), message)
     if len(self.examples[split]) < self.max_listed:
       self.examples[split].append(message)
-    log.warning("skipped [%s/%s] %s", split, reason, message)
+    if self.warn:
+      log.warning("skipped [%s/%s] %s", split, reason, message)
+    elif self.counts[(split, reason)] <= self.logged_per_reason:
+      log.info("[%s/%s] %s", split, reason, message)
+
+  add = skip   # the name read where nothing is skipped (FeaBuilder.noted)
 
   def total(self, split: str | None = None) -> int:
     return sum(n for (s, _), n in self.counts.items() if split is None or s == split)
@@ -240,6 +277,13 @@ class SkipLog:
       out[s][r] = n
     return dict(out)
 
+  def first_by_reason(self) -> dict[str, dict[str, str]]:
+    """{split: {reason: the first message}}: names the file and line of a skipped row."""
+    out: dict[str, dict[str, str]] = collections.defaultdict(dict)
+    for (s, r), m in sorted(self.first.items()):
+      out[s][r] = m
+    return dict(out)
+
   def summary(self) -> str:
     if not self.counts:
       return "nothing skipped"
@@ -247,9 +291,13 @@ class SkipLog:
              for s, d in self.by_reason().items()]
     return "skipped " + "; ".join(parts)
 
-  def to_json(self) -> str:
-    return json.dumps(dict(counts=self.by_reason(),
-                           examples={k: v for k, v in self.examples.items()}), indent=1)
+  def to_json(self, noted: "SkipLog | None" = None) -> str:
+    out = dict(counts=self.by_reason(), first=self.first_by_reason(),
+               examples={k: v for k, v in self.examples.items()})
+    if noted is not None:
+      out["noted"] = noted.by_reason()
+      out["noted_first"] = noted.first_by_reason()
+    return json.dumps(out, indent=1)
 
 
 class FeaBuilder(tfds.core.GeneratorBasedBuilder):
@@ -272,6 +320,7 @@ class FeaBuilder(tfds.core.GeneratorBasedBuilder):
     kwargs.setdefault("file_format", "array_record")
     super().__init__(*args, **kwargs)
     self.skips = SkipLog()
+    self.noted = SkipLog(warn=False)   # kept, but counted: see SkipLog
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -288,8 +337,8 @@ class FeaBuilder(tfds.core.GeneratorBasedBuilder):
       try:
         rec = make(item)
       except SkipImage as e:
-        reason = "no_face" if "no face" in str(e) else (
-            "missing" if "missing" in str(e) else "unreadable")
+        reason = e.reason or ("no_face" if "no face" in str(e) else (
+            "missing" if "missing" in str(e) else "unreadable"))
         self.skips.skip(split, reason, str(e))
         continue
       n += 1
@@ -332,6 +381,25 @@ def index_frames(folder: str) -> dict[int, str]:
     if ext.lower() in IMAGE_EXTS and m:
       out[int(m.group(1))] = os.path.join(folder, name)
   return out
+
+
+def frame_root(builder: "FeaBuilder", manual_dir: str, image_root: str | None,
+               candidates: Sequence[str], what: str) -> str:
+  """The folder of per-subject frame folders: ``image_root`` when given, else the first of
+  ``candidates`` under manual_dir (each tool names it differently: ME-GraphAU ``img``,
+  LibreFace ``images``, the DISFA/BP4D instructions ``Images`` / ``Sequences``)."""
+  if image_root:
+    root = os.path.abspath(os.path.expanduser(image_root))
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f"{builder.name}: image_root {root} (--image_root) is not a folder")
+    return root
+  for c in candidates:
+    p = os.path.join(manual_dir, c)
+    if os.path.isdir(p):
+      return p
+  raise FileNotFoundError(
+      f"{builder.name}: expected {what} in one of {list(candidates)} under {manual_dir}, or "
+      f"name the folder with --image_root.\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
 
 
 def fold_of(subject: str, folds: Sequence[Sequence[str]]) -> int | None:

@@ -29,6 +29,9 @@ class SyntheticFea(common.FeaBuilder):
   name = "synthetic_fea"
   BUILDER_CONFIGS = [
       SyntheticFeaConfig(name="default", description="4800/400/600 faces at 128 px"),
+      SyntheticFeaConfig(name="hires", image_size=256,
+                         description="the default faces rendered at 256 px (a photo larger "
+                                     "than the ViT's input: the LCA crops from it)"),
       SyntheticFeaConfig(name="small", num_train=96, num_validation=16, num_test=32,
                          description="tiny set for tests"),
   ]

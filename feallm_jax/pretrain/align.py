@@ -52,8 +52,8 @@ def _records(data: dict[str, np.ndarray], seed: int) -> list[dict]:
     ident = synthetic.make_identity("train", int(data["subject"][j]), int(data["seed"][j]))
     cap = captions.caption(int(data["emotion"][j]), faces.active(data["au_present"][j]), ident,
                            rng)
-    conv = [dict(**{"from": "human"}, value=f"<image>\n{PROMPTS[j % len(PROMPTS)]}"),
-            dict(**{"from": "gpt"}, value=cap)]
+    conv = [{"from": "human", "value": f"<image>\n{PROMPTS[j % len(PROMPTS)]}"},
+            {"from": "gpt", "value": cap}]
     out.append(dict(id=f"stage0-{int(data['seed'][j])}-{j}", image=data["image"][j],
                     has_landmarks=False, landmarks=np.zeros((68, 2), np.float32),
                     emotion=np.int32(data["emotion"][j]), au_present=data["au_present"][j],
@@ -73,14 +73,11 @@ def _batches(config, records: list[dict], batch: int, seed: int, pair_fraction: 
   make = pipeline.TrainExample(spec, records)
   rng = np.random.default_rng([seed, 17])
   n = len(records)
-  n_pairs = int(round(batch * pair_fraction / 2))
   keys = ("image", "regions", "lca_image", "input_ids", "attention_mask", "loss_mask",
           "example_mask")
   pos = 0
   while True:
-    first = 2 * rng.integers(0, n // 2, n_pairs)
-    idx = np.concatenate([np.stack([first, first + 1], 1).reshape(-1),
-                          rng.integers(0, n, batch - 2 * n_pairs)])
+    idx = faces.batch_rows(rng, n, batch, pair_fraction)
     rows = []
     for i in idx:
       rows.append(make.map((pos, int(i))))

@@ -106,5 +106,17 @@ def cached(path: str, seeds: Sequence[int], per_seed: int, image_size: int = 128
   return data
 
 
+def batch_rows(rng: np.random.Generator, n: int, batch: int, pair_fraction: float) -> np.ndarray:
+  """Row indices of one batch from `n` faces: `pair_fraction` of it whole minimal pairs (rows
+  2k, 2k+1 of a `render(..., pairs=True)` output), the rest drawn at random."""
+  n_pairs = int(round(batch * pair_fraction / 2))
+  if n_pairs and n % 2:
+    raise ValueError("pair_fraction > 0 needs faces rendered as minimal pairs "
+                     "(--config.minimal_pairs=True)")
+  first = 2 * rng.integers(0, n // 2, n_pairs)
+  return np.concatenate([np.stack([first, first + 1], 1).reshape(-1),
+                         rng.integers(0, n, batch - 2 * n_pairs)])
+
+
 def active(au_present_row: np.ndarray) -> list[int]:
   return [au for au, p in zip(facs.ALL_AUS, au_present_row) if p == 1]

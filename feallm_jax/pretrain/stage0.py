@@ -128,14 +128,8 @@ def _clip_batches(data: dict[str, np.ndarray], tok, vcfg: vision_lib.VisionConfi
       idents[key] = synthetic.make_identity("train", key[1], key[0])
     return idents[key]
   n = len(data["emotion"])
-  n_pairs = int(round(batch * pair_fraction / 2))
-  if n_pairs and n % 2:
-    raise ValueError("pair_fraction > 0 needs faces rendered as minimal pairs "
-                     "(--config.minimal_pairs=True)")
   while True:
-    first = 2 * rng.integers(0, n // 2, n_pairs)
-    idx = np.concatenate([np.stack([first, first + 1], 1).reshape(-1),
-                          rng.integers(0, n, batch - 2 * n_pairs)])
+    idx = faces.batch_rows(rng, n, batch, pair_fraction)
     px, caps, groups = [], [], []
     for j in idx:
       rec = dict(image=data["image"][j], has_landmarks=False, id="stage0")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import queue
 import threading
@@ -29,7 +28,6 @@ from feallm_jax.data import facs, instructions, pipeline, synthetic, tokenizer a
 from feallm_jax.models import llm as llm_lib, vision as vision_lib
 from feallm_jax.pretrain import captions, clip, faces, lm
 
-log = logging.getLogger(__name__)
 
 
 # --- HF-style configs (what meta.json records, as import_hf records the real ones) -------------

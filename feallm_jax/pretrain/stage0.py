@@ -29,7 +29,6 @@ from feallm_jax.models import llm as llm_lib, vision as vision_lib
 from feallm_jax.pretrain import captions, clip, faces, lm
 
 
-
 # --- HF-style configs (what meta.json records, as import_hf records the real ones) -------------
 
 def hf_vision_config(cfg: vision_lib.VisionConfig) -> dict[str, Any]:

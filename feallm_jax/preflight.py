@@ -13,8 +13,9 @@ it checks, and reports together, every problem it finds, each naming the flag th
 * mesh against the device count; global batch against processes, micro-batches and shards
 * the model spec (feature layers, projector heads, attention kernel) on the resolved towers
 * a writable ``--workdir``
-* ``data.max_len`` against the conversations with their visual tokens: the first examples the
-  run would draw, made by the pipeline's own code; refused when none of them fits, naming the
+* ``data.max_len`` against the conversations: the first examples the run would draw, made by
+  the pipeline's own code on the resolved towers (the ``<image>`` token counts once, its visual
+  tokens are added beyond max_len); refused when none of them fits, naming the
   ``--config.data.max_len`` that keeps them (:func:`check_data_fit`; last, on a clean slate)
 
 The towers' own configs decide the architecture: :func:`resolve_backbones` returns a copy of the
@@ -412,8 +413,8 @@ def check_workdir_writable(workdir: str) -> list[Problem]:
 
 
 def check_data_fit(config, *, source=None) -> list[Problem]:
-  """``data.max_len`` (on the resolved towers' visual-token count) against the first training
-  examples the run would draw (``data.fit_check_examples`` of them, ``pipeline.check_fit``):
+  """``data.max_len`` against the first training examples the run would draw
+  (``data.fit_check_examples`` of them, made as the pipeline makes them: ``pipeline.check_fit``):
   a problem when every one of them would be dropped. Too many drops, but not all, is a
   warning (the run stops later past ``data.max_dropped_fraction``)."""
   from feallm_jax.data import pipeline
@@ -423,8 +424,8 @@ def check_data_fit(config, *, source=None) -> list[Problem]:
   except pipeline.DroppedExamplesError as e:
     drops = getattr(e, "drops", None)
     if drops is not None and drops.needed_len:
-      fix = (f"--config.data.max_len={drops.needed_len} (it is {int(d.max_len)}; that is the "
-             "longest of these conversations with its visual tokens)")
+      fix = (f"--config.data.max_len={drops.needed_len} (it is {int(d.max_len)}; "
+             f"{drops.needed_len} keeps every one of these examples)")
     else:
       fix = "the change named above"
     return [Problem("max_len", str(e), fix)]

@@ -240,18 +240,19 @@ def test_workdir_that_cannot_be_written(tmp_path):
 # -- max_len vs the conversations ------------------------------------------------------------------
 
 def test_max_len_vs_the_longest_conversation_with_its_visual_tokens(tmp_path, devices):
-  """max_len=20 leaves no room after the tiny towers' 17 visual tokens: every example the run
-  would draw drops. Refused by pre-flight (a Problem naming the flag and the length that fits),
-  through ``train_and_evaluate`` before a model is built or the workdir written; the named
-  length really fits."""
+  """max_len=10 (text tokens; the towers' 17 visual tokens come on top) leaves no answer token
+  in any tiny synthetic conversation: every example the run would draw drops. Refused by
+  pre-flight (a Problem naming the flag and the length that fits), through
+  ``train_and_evaluate`` before a model is built or the workdir written; the named length
+  really keeps them."""
   from feallm_jax.train import train_and_evaluate
-  c = _config(tmp_path, max_len=20)
+  c = _config(tmp_path, max_len=10)
   workdir = tmp_path / "run"
   msg = _problems(train_and_evaluate, c, str(workdir))
   assert "pre-flight found 1 problem" in msg and "[max_len]" in msg, msg
-  assert "would be dropped" in msg and "image_past_max_len" in msg
-  need = int(re.search(r"fix: --config\.data\.max_len=(\d+) \(it is 20", msg).group(1))
-  assert need > 20 and not workdir.exists()
+  assert "would be dropped" in msg and "empty_answer" in msg
+  need = int(re.search(r"fix: --config\.data\.max_len=(\d+) \(it is 10", msg).group(1))
+  assert need > 10 and not workdir.exists()
   c.data.max_len = need
   assert preflight.check_data_fit(preflight.resolve_backbones(c)) == []
   c.data.max_len = need - 1

@@ -130,6 +130,35 @@ def test_epochs_reshuffle_and_augment(cfg):
   np.testing.assert_array_equal(b0["image"], b1["image"])   # deterministic by position
 
 
+def test_rare_au_repeat_draws_rare_au_faces_k_times_an_epoch_each_copy_its_own_example(cfg):
+  src = pipeline.data_source(cfg, split="validation")   # 16 labelled synthetic faces
+  pres = np.stack([np.asarray(src[i]["au_present"]) for i in range(len(src))])
+  c2 = cfg.copy_and_resolve_references()
+  c2.data.rare_au_repeat, c2.data.rare_au_frequency = 3, 0.2
+  rare = [a for a in range(pres.shape[1]) if 0 < pres[:, a].mean() < 0.2]   # by hand
+  want = np.where((pres[:, rare] == 1).any(1), 3, 1)
+  assert 1 < want.sum() - len(src) < 2 * len(src)       # the fixture has rare and common AUs
+  reps = pipeline.rare_au_repeats(c2, src)
+  np.testing.assert_array_equal(reps, want)
+  n, length = len(src), int(reps.sum())
+  order = pipeline._order(n, 0, reps)
+  for epoch in range(2):
+    elems = [int(order[epoch * length + g]) for g in range(length)]
+    np.testing.assert_array_equal(np.bincount([e % n for e in elems], minlength=n), want)
+    assert len(set(elems)) == length                    # each copy once, as its own element
+  # A copy is its own example (own augmentation and task), the record's labels unchanged.
+  spec = pipeline._spec(c2, n, train=True, seed=0, repeats=reps)
+  ex = pipeline.TrainExample(spec, src)
+  i = int(np.flatnonzero(want == 3)[0])
+  a, b = ex.example(0, i), ex.example(0, 2 * n + i)
+  assert not np.array_equal(a["image"], b["image"])
+  np.testing.assert_array_equal(a["au_present"], b["au_present"])
+  assert pipeline.rare_au_repeats(cfg, src) is None     # off by default: order as before
+  c2.data.rare_au_repeat = 0
+  with pytest.raises(ValueError, match="rare_au_repeat"):
+    pipeline.rare_au_repeats(c2, src)
+
+
 def test_per_process_slices_form_the_global_batch(cfg):
   full = next(pipeline.train_iterator(cfg, process_index=0, process_count=1))
   parts = [next(pipeline.train_iterator(cfg, process_index=p, process_count=2))

@@ -1,6 +1,7 @@
 """Stage 0: captions, face rendering, the contrastive loss, a tiny end-to-end pretraining that
 stage 1 loads through `model.base_checkpoint`, and the shipped base checkpoint itself."""
 
+import copy
 import json
 import os
 
@@ -11,7 +12,7 @@ from flax import nnx
 
 from configs import pretrain_tiny, tiny_synthetic
 from feallm_jax import sharding
-from feallm_jax.data import facs, instructions, synthetic
+from feallm_jax.data import facs, instructions, synthetic, tokenizer as tok_lib
 from feallm_jax.models import feallm, layers, vision as vision_lib
 from feallm_jax.pretrain import SHIPPED_BASE, captions, clip, faces, lm, stage0
 from feallm_jax.weights import base_checkpoint
@@ -92,6 +93,58 @@ def test_lm_corpus_is_text_with_captions_in_place_of_the_image():
   assert ids.shape == mask.shape == (4, 64) and mask.sum() > 0
 
 
+def test_caption_loss_is_next_token_cross_entropy_after_the_image_prefix():
+  """CoCa/CapPa head: position N-1+j (N patch tokens) predicts caption token j, padding ignored,
+  a blind row reads only padding, and the gradient reaches the ViT (what stage 0 trains)."""
+  vcfg = vision_lib.VisionConfig(image_size=16, patch_size=8, hidden_size=16,
+                                 intermediate_size=32, num_layers=2, num_heads=2)
+  tcfg = clip.TextTowerConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                              num_layers=1, num_heads=2, max_len=8)
+  with sharding.mesh_rules(sharding.single_device_mesh()):
+    model = clip.CLIP(vcfg, tcfg, 8, caption_feature_layer=-2, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  px = jnp.asarray(rng.normal(size=(3, 16, 16, 3)), jnp.float32)
+  ids = jnp.asarray(rng.integers(1, 64, (3, 8)), jnp.int32)
+  mask = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3, [1] * 2 + [0] * 6], jnp.int32)
+  inputs = ids.at[2].set(0)                                    # row 2 blind (parallel prediction)
+  loss, acc = clip.coca_loss(model, px, ids, mask, jnp.arange(3), inputs, caption_weight=2.0,
+                             contrastive_weight=0.0)
+  assert float(acc) == 0.0
+  cap = model.captioner
+  prefix = np.asarray(cap.proj(model.vision(px)[-2][:, 1:]))
+  n = vcfg.num_patches
+  emb = np.asarray(cap.decoder.embed(inputs))
+  logits = np.asarray(cap.decoder(inputs_embeds=jnp.asarray(np.concatenate([prefix, emb], 1)),
+                                  attention_mask=jnp.concatenate([jnp.ones((3, n), jnp.int32),
+                                                                  mask], 1)), np.float64)
+  total, count = 0.0, 0
+  for b in range(3):
+    for j in range(8):
+      if mask[b, j]:
+        row = logits[b, n - 1 + j]
+        total += np.log(np.exp(row - row.max()).sum()) + row.max() - row[int(ids[b, j])]
+        count += 1
+  np.testing.assert_allclose(float(loss), 2.0 * total / count, rtol=1e-5)
+  grads = nnx.grad(lambda m: clip.coca_loss(m, px, ids, mask, jnp.arange(3), inputs,
+                                            caption_weight=1.0, contrastive_weight=0.0)[0])(model)
+  assert float(jnp.abs(grads.vision.pos_embed[...]).sum()) > 0
+  assert float(jnp.abs(grads.text.embed_tokens[...]).sum()) == 0     # contrastive towers idle
+
+
+def test_clip_batches_blind_rows_for_parallel_prediction():
+  tok = tok_lib.load("")
+  data = faces.render((1,), 16, 32, workers=1)
+  vcfg = vision_lib.VisionConfig(image_size=32, patch_size=16, hidden_size=16,
+                                 intermediate_size=32, num_layers=1, num_heads=2)
+  px, ids, mask, group, inputs = next(stage0._clip_batches(data, tok, vcfg, 64, 64, 0,
+                                                           parallel_fraction=0.5))
+  blind = (inputs == tok.pad_token_id).all(1)
+  assert 16 < blind.sum() < 48                       # about half the rows, drawn per row
+  np.testing.assert_array_equal(inputs[~blind], ids[~blind])
+  assert (ids[blind] != tok.pad_token_id).any()      # the targets stay the real captions
+  assert len(next(stage0._clip_batches(data, tok, vcfg, 8, 64, 0))) == 4   # captioning off
+
+
 @pytest.fixture(scope="module")
 def tiny_stage0(tmp_path_factory):
   c = pretrain_tiny.get_config()
@@ -135,6 +188,29 @@ def test_stage0_writes_a_base_checkpoint_that_stage1_loads(tiny_stage0):
   counts = feallm.parameter_counts(model, cfg)
   assert counts["vision"]["trainable"] == 0 and counts["llm base"]["trainable"] == 0
   assert counts["lora"]["trainable"] > 0 and counts["projector"]["trainable"] > 0
+
+
+def test_stage0_caption_stage_starts_from_a_base_vision_tower(tiny_stage0, tmp_path):
+  """`clip.init_vision` continues a base's ViT (here with a zero first learning rate, so the
+  saved tower must equal the one it started from); a tower of another shape is refused before
+  any face is rendered."""
+  c, out, _ = tiny_stage0
+  c2 = copy.deepcopy(c)
+  c2.clip.update(dict(steps=1, warmup=1, init_vision=out, caption_weight=1.0,
+                      contrastive_weight=0.0, parallel_fraction=0.5))
+  c2.probe_faces = 0
+  rec = stage0.pretrain_backbones(c2, str(tmp_path / "cap"), reuse_llm_from=out)
+  assert rec["vision_history"][-1]["step"] == 1
+  with sharding.mesh_rules(sharding.single_device_mesh()):
+    a = vision_lib.VisionEncoder(stage0.vision_config(c), rngs=nnx.Rngs(5))
+    b = vision_lib.VisionEncoder(stage0.vision_config(c), rngs=nnx.Rngs(6))
+  base_checkpoint.restore_into(out, a, None)
+  base_checkpoint.restore_into(str(tmp_path / "cap"), b, None)
+  np.testing.assert_array_equal(np.asarray(a.pos_embed[...]), np.asarray(b.pos_embed[...]))
+  c2.vision.hidden_size = 64
+  with pytest.raises(ValueError, match="init_vision"):
+    stage0.pretrain_backbones(c2, str(tmp_path / "bad"), reuse_llm_from=out)
+  assert not os.path.exists(tmp_path / "bad")
 
 
 def test_probe_reads_separable_features():

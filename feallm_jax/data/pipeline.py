@@ -386,8 +386,9 @@ class ExampleSpec:
   use_landmarks: bool
   augment: Augment | None
   seed: int
-  num_records: int
+  num_records: int          # records in the source; an order element is copy * num_records + record
   lca_image_size: int = 0   # >0: also emit `lca_image`, the same view at this resolution
+  epoch_length: int = 0     # positions per epoch (0: num_records; more with rare-AU copies)
 
   @property
   def sizes(self) -> tuple[int, ...]:
@@ -484,8 +485,10 @@ class TrainExample(grain.transforms.Map):
   def example(self, gpos: int, index: int, attempt: int = 0) -> dict[str, np.ndarray]:
     """The example of ``index`` drawn at ``gpos`` (``attempt`` > 0: as a replacement)."""
     s = self.spec
-    epoch = (gpos + attempt) // s.num_records
-    rng = np.random.default_rng([s.seed, epoch, index] + ([gpos, attempt] if attempt else []))
+    copy, index = divmod(int(index), s.num_records)
+    epoch = (gpos + attempt) // (s.epoch_length or s.num_records)
+    rng = np.random.default_rng([s.seed, epoch, index] + ([gpos, attempt] if attempt else [])
+                                + ([1000 + copy] if copy else []))
     rec = _clean_record(self.source[index])
     try:
       return self._make(rec, rng)
@@ -758,9 +761,11 @@ def _process() -> tuple[int, int]:
   return 0, 1
 
 
-def _spec(config, num_records: int, *, train: bool, seed: int, tasks=None) -> ExampleSpec:
+def _spec(config, num_records: int, *, train: bool, seed: int, tasks=None,
+          repeats: np.ndarray | None = None) -> ExampleSpec:
   d = config.data
   return ExampleSpec(
+      epoch_length=0 if repeats is None else int(repeats.sum()),
       tokenizer=d.tokenizer, image_size=int(config.model.vision.image_size),
       max_len=int(d.max_len), tasks=tuple(tasks if tasks is not None else d.tasks),
       use_landmarks=d.regions == "landmarks",
@@ -775,9 +780,36 @@ def eval_views(config, image: np.ndarray, image_id: str = "") -> dict[str, np.nd
   return _spec(config, 1, train=False, seed=int(config.get("seed", 0))).views(rec, None, None)
 
 
-def _order(n: int, seed: int) -> grain.MapDataset:
-  """Record index of every global position: shuffled per epoch, repeated forever."""
-  return grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+def _order(n: int, seed: int, repeats: np.ndarray | None = None) -> grain.MapDataset:
+  """Record of every global position: shuffled per epoch, repeated forever. With `repeats`
+  (copies per record per epoch), copy c of record i is the element ``c * n + i`` (its own
+  augmentation and task draw)."""
+  if repeats is None or (repeats == 1).all():
+    return grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+  elems = np.concatenate([c * n + np.flatnonzero(repeats > c) for c in range(int(repeats.max()))])
+  return grain.MapDataset.source(elems.astype(np.int64)).shuffle(seed=seed).repeat()
+
+
+def rare_au_repeats(config, source) -> np.ndarray | None:
+  """Copies per record per epoch (``data.rare_au_repeat``): a record showing an AU whose share
+  of the split's labelled records is below ``data.rare_au_frequency`` is drawn that many times
+  per epoch. AU detectors are trained against this imbalance (weighted losses, oversampling);
+  with a language model's greedy answer, a 6 %-frequency AU is otherwise never named. Reads
+  the labels only (images stay encoded); None when off or when the split has no AU labels."""
+  d = config.data
+  k = int(d.get("rare_au_repeat", 1))
+  if k < 1:
+    raise ValueError(f"data.rare_au_repeat must be >= 1, got {k}")
+  if k == 1:
+    return None
+  pres = np.stack([np.asarray(source[i]["au_present"], np.int32) for i in range(len(source))])
+  labelled = (pres >= 0).all(1)
+  if not labelled.any():
+    return None
+  freq = (pres[labelled] == 1).mean(0)
+  rare = (freq > 0) & (freq < float(d.get("rare_au_frequency", 0.1)))
+  hit = labelled & ((pres == 1) & rare).any(1)
+  return np.where(hit, k, 1)
 
 
 def train_dataset(config, *, split: str = "train", seed: int | None = None,
@@ -798,8 +830,9 @@ def train_dataset(config, *, split: str = "train", seed: int | None = None,
   if n < d.batch_size:
     raise ValueError(f"{d.dataset}/{split} has {n} records, fewer than one batch "
                      f"({d.batch_size})")
-  spec = _spec(config, n, train=True, seed=seed)
-  order = _order(n, seed)
+  repeats = rare_au_repeats(config, src)
+  spec = _spec(config, n, train=True, seed=seed, repeats=repeats)
+  order = _order(n, seed, repeats)
   ds = ProcessRows(order, d.batch_size, pi, pc)
   ds = ds.map(TrainExample(spec, src, order))
   ds = ds.batch(d.batch_size // pc, drop_remainder=True)
@@ -835,8 +868,9 @@ def fit_check(config, *, split: str = "train", seed: int | None = None, source=N
   src = data_source(config, split=split, decode_images=False) if source is None else source
   n = len(src)
   k = min(k, n)
-  example = TrainExample(_spec(config, n, train=True, seed=seed), src)
-  order = _order(n, seed)
+  repeats = rare_au_repeats(config, src)
+  example = TrainExample(_spec(config, n, train=True, seed=seed, repeats=repeats), src)
+  order = _order(n, seed, repeats)
   drops = DropLog(examples=k)
   for g in range(k):
     try:

@@ -10,6 +10,7 @@ quality of the frozen features on the identity-disjoint test pool.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import queue
@@ -112,9 +113,12 @@ def _fit(model: nnx.Module, loss: Callable, batches: Iterator, *, steps: int, lr
 # --- vision ------------------------------------------------------------------------------------
 
 def _clip_batches(data: dict[str, np.ndarray], tok, vcfg: vision_lib.VisionConfig, batch: int,
-                  max_len: int, seed: int, pair_fraction: float = 0.0) -> Iterator[tuple]:
+                  max_len: int, seed: int, pair_fraction: float = 0.0,
+                  parallel_fraction: float | None = None) -> Iterator[tuple]:
   """Batches of (pixels, caption ids, mask, content group). With `pair_fraction` > 0 (data
-  rendered with `pairs`), that share of each batch is whole minimal pairs (rows 2k, 2k+1)."""
+  rendered with `pairs`), that share of each batch is whole minimal pairs (rows 2k, 2k+1).
+  With `parallel_fraction` set (captioning on), a fifth element: the captioner's input ids, in
+  which that share of the rows is all padding (CapPa's parallel prediction)."""
   rng = np.random.default_rng([seed, 5])
   aug = pipeline.Augment()
   idents: dict[tuple[int, int], synthetic.Identity] = {}
@@ -144,8 +148,13 @@ def _clip_batches(data: dict[str, np.ndarray], tok, vcfg: vision_lib.VisionConfi
     ids = np.asarray(enc["input_ids"], np.int32)
     mask = np.asarray(enc["attention_mask"], np.int32)
     keys = {g: k for k, g in enumerate(dict.fromkeys(groups))}
-    group = np.asarray([keys[g] for g in groups])
-    yield np.stack(px), ids, mask, group.astype(np.int32)
+    group = np.asarray([keys[g] for g in groups]).astype(np.int32)
+    if parallel_fraction is None:
+      yield np.stack(px), ids, mask, group
+    else:
+      blind = rng.random(len(ids)) < parallel_fraction
+      inputs = np.where(blind[:, None], np.int32(tok.pad_token_id), ids)
+      yield np.stack(px), ids, mask, group, inputs
 
 
 def probe(vision: vision_lib.VisionEncoder, train: dict[str, np.ndarray],
@@ -229,13 +238,25 @@ def train_vision(config, data: dict[str, np.ndarray], tok, on_log=None) -> tuple
                               intermediate_size=2 * int(c.text_width),
                               num_layers=int(c.text_layers), num_heads=int(c.text_heads),
                               max_len=int(c.max_len))
+  weight = float(c.get("caption_weight", 0.0))
   with sharding.mesh_rules(_make_mesh()):
-    model = clip.CLIP(vcfg, tcfg, int(c.embed_dim), rngs=nnx.Rngs(int(config.seed)))
-    hist = _fit(model, clip.contrastive_loss,
+    model = clip.CLIP(vcfg, tcfg, int(c.embed_dim), rngs=nnx.Rngs(int(config.seed)),
+                      caption_feature_layer=(int(c.get("caption_feature_layer", -2))
+                                             if weight > 0 else None))
+    init = str(c.get("init_vision", ""))
+    if init:
+      from feallm_jax.weights import base_checkpoint
+      base_checkpoint.restore_into(init, model.vision, None)
+      print(f"[stage0] vision tower starts from {init}", flush=True)
+    loss = (functools.partial(clip.coca_loss, caption_weight=weight,
+                              contrastive_weight=float(c.get("contrastive_weight", 1.0)))
+            if weight > 0 else clip.contrastive_loss)
+    hist = _fit(model, loss,
                 _clip_batches(data, tok, vcfg, int(c.batch_size), int(c.max_len),
-                              int(config.seed), float(c.get("pair_fraction", 0.0))),
+                              int(config.seed), float(c.get("pair_fraction", 0.0)),
+                              float(c.get("parallel_fraction", 0.0)) if weight > 0 else None),
                 steps=int(c.steps), lr=float(c.lr), weight_decay=float(c.weight_decay),
-                warmup=int(c.warmup), name="vision (CLIP)",
+                warmup=int(c.warmup), name="vision (CoCa)" if weight > 0 else "vision (CLIP)",
                 on_log=None if on_log is None else lambda i, m: on_log(i, m.vision))
   return model.vision, hist
 
@@ -297,6 +318,22 @@ def _reusable_llm(config, src: str) -> dict[str, Any]:
   return rec
 
 
+def _check_init_vision(config) -> None:
+  """Before any rendering: `clip.init_vision` is a base whose ViT has this config's shape."""
+  from feallm_jax.weights import base_checkpoint
+  init = str(config.clip.get("init_vision", ""))
+  if not init:
+    return
+  base_checkpoint.verify(init)
+  theirs = vision_lib.VisionConfig.from_hf(base_checkpoint.read_meta(init)["vision_hf_config"])
+  ours = vision_config(config)
+  if theirs != ours:
+    diff = {f.name: (getattr(theirs, f.name), getattr(ours, f.name))
+            for f in dataclasses.fields(ours) if getattr(theirs, f.name) != getattr(ours, f.name)}
+    raise ValueError(f"--config.clip.init_vision={init}: its vision tower differs from "
+                     f"config.vision (base, config): {diff}")
+
+
 def pretrain_backbones(config, out_dir: str, *, overwrite: bool = False,
                        reuse_llm_from: str = "") -> dict[str, Any]:
   """Runs stage 0 and writes the base checkpoint to `out_dir`; returns the stage0.json record.
@@ -309,6 +346,7 @@ def pretrain_backbones(config, out_dir: str, *, overwrite: bool = False,
   reused = _reusable_llm(config, reuse_llm_from) if reuse_llm_from else None
   if reused is not None:
     base_checkpoint.verify(reuse_llm_from)
+  _check_init_vision(config)
   t0 = time.perf_counter()
   tok = tok_lib.load(config.get("tokenizer", ""))
   seeds = tuple(int(s) for s in config.seeds)

@@ -78,38 +78,41 @@ def _serve_downloads_as_gcs(monkeypatch):
 
 
 class UploadGate:
-  """Holds the emulator's answer to the first upload of one object whose content holds a marker,
+  """Holds the emulator's answer to the upload that first leaves one object holding a marker,
   until released: the uploading process is then known to be inside that write (the trainer: in
   its step-1 log call, SIGTERM handler installed, step 2 not begun) for as long as the test
-  needs. The emulator serves one request at a time, so nothing else is answered meanwhile."""
+  needs. The emulator serves one request at a time, so nothing else is answered meanwhile.
+  (gcsfs writes even a small object as a resumable upload: a POST that opens the session, a
+  PUT that carries the bytes; both handlers are wrapped.)"""
 
-  def __init__(self, monkeypatch, name: str, marker: bytes):
+  def __init__(self, monkeypatch, bucket: str, name: str, marker: bytes):
     from gcp_storage_emulator import server as emu_server
     from gcp_storage_emulator.handlers import objects
-    self.name, self.marker = name, marker
+    self.bucket, self.name, self.marker = bucket, name, marker
     self.seen, self.release = threading.Event(), threading.Event()
-    original = objects.insert
+    for original in (objects.insert, objects.upload_partial):
+      held = self._holding(original)
+      for _, handlers in emu_server.HANDLERS:
+        for method, fn in list(handlers.items()):
+          if fn is original:
+            monkeypatch.setitem(handlers, method, held)
 
-    def insert(request, response, storage, *args, **kwargs):
+  def _holding(self, original):
+    def handler(request, response, storage, *args, **kwargs):
       out = original(request, response, storage, *args, **kwargs)
-      if not self.seen.is_set() and self._uploaded(request, storage):
+      if not self.seen.is_set() and self.marker in self._content(storage):
         self.seen.set()
         self.release.wait(timeout=900)
       return out
+    return handler
 
-    for _, handlers in emu_server.HANDLERS:
-      for method, fn in list(handlers.items()):
-        if fn is original:
-          monkeypatch.setitem(handlers, method, insert)
-
-  def _uploaded(self, request, storage) -> bool:
-    name = request.query.get("name", [None])[0]
-    if name is None and isinstance(request.data, dict):
-      name = (request.data.get("meta") or {}).get("name")
-    if name != self.name:
-      return False
-    data = storage.get_file(request.params["bucket_name"], name)
-    return self.marker in (data if isinstance(data, bytes) else data.encode())
+  def _content(self, storage) -> bytes:
+    from gcp_storage_emulator.exceptions import NotFound
+    try:
+      data = storage.get_file(self.bucket, self.name)
+    except NotFound:
+      return b""
+    return data if isinstance(data, bytes) else data.encode()
 
 
 @pytest.fixture
@@ -166,6 +169,13 @@ def _bucket_steps(path):
     return []
 
 
+def _files_under(folder) -> list[str]:
+  """Every file below ``folder``. (Empty ``tmp*tfds`` folders may stay behind in a temporary
+  directory: tfds' DatasetInfo.initialize_from_bucket makes one per builder of an unprepared
+  dataset, for a local build too, and never removes it.)"""
+  return [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+
+
 def _same_tree(a, b):
   import jax
   import numpy as np
@@ -203,7 +213,8 @@ def test_gs_data_dir_builds_in_the_bucket_and_reads_from_it(gcs, tmp_path, monke
   assert len(shards) == 3
   for n in shards:                                  # the same bytes went up
     assert (rroot / n).read_bytes() == (lroot / n).read_bytes()
-  assert os.listdir(staging) == []                  # the staging folder is gone
+  assert _files_under(staging) == []                # the staging folder is gone
+  assert not any(n.startswith("feallm_tfds_") for n in os.listdir(staging))
   again = builders.build("synthetic_fea", DATA, config="small")
   assert again["reused"] and again["splits"] == remote["splits"]
   assert again["skipped"] == remote["skipped"]      # read back from the bucket's skipped.json
@@ -216,7 +227,7 @@ def test_gs_data_dir_builds_in_the_bucket_and_reads_from_it(gcs, tmp_path, monke
     for i in range(len(ls)):
       _same_tree(rs[i], ls[i])
   _same_tree(next(pipeline.train_iterator(rc)), next(pipeline.train_iterator(lc)))
-  assert os.listdir(cwd) == [] and os.listdir(staging) == []
+  assert os.listdir(cwd) == [] and _files_under(staging) == []
 
 
 @pytest.mark.slow
@@ -248,7 +259,7 @@ def test_gs_workdir_train_preempt_resume_evaluate(gcs, tmp_path, monkeypatch):
   # 1. Train from the bucket into the bucket. The emulator holds its answer to the first upload
   # of a train record to metrics.jsonl (the step-1 log call): SIGTERM arrives while the trainer
   # is inside step 1, whatever the machine's speed, so it saves at step 1 and exits.
-  gate = UploadGate(monkeypatch, "run/metrics.jsonl", b'"kind": "train"')
+  gate = UploadGate(monkeypatch, BUCKET, "run/metrics.jsonl", b'"kind": "train"')
   proc = subprocess.Popen(_train(DATA, steps), cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE)
   try:
@@ -313,4 +324,4 @@ def test_gs_workdir_train_preempt_resume_evaluate(gcs, tmp_path, monkeypatch):
   # Nothing was written locally: no 'gs:' directory or any other file in the working directory,
   # nothing left in the temporary directory.
   assert sorted(os.listdir(cwd)) == []
-  assert sorted(os.listdir(tmp)) == []
+  assert _files_under(tmp) == []

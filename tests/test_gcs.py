@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -260,17 +261,20 @@ def test_gs_workdir_train_preempt_resume_evaluate(gcs, tmp_path, monkeypatch):
   # of a train record to metrics.jsonl (the step-1 log call): SIGTERM arrives while the trainer
   # is inside step 1, whatever the machine's speed, so it saves at step 1 and exits.
   gate = UploadGate(monkeypatch, BUCKET, "run/metrics.jsonl", b'"kind": "train"')
-  proc = subprocess.Popen(_train(DATA, steps), cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+  log = tmp_path / "train1.log"          # a file, not a pipe: nothing can block on it
+  with open(log, "wb") as f:
+    proc = subprocess.Popen(_train(DATA, steps), cwd=cwd, env=env, stdout=f, stderr=f)
+  deadline = time.time() + 1800            # generous: a loaded 2-core machine starts jax slowly
   try:
     while not gate.seen.wait(timeout=1):
-      assert proc.poll() is None, proc.stderr.read().decode()[-4000:]
+      assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
     proc.send_signal(signal.SIGTERM)
   finally:
     gate.release.set()
-  _, err = proc.communicate(timeout=900)
-  assert proc.returncode == 0, err.decode()[-4000:]
-  assert "preempted: checkpoint saved at step 1" in err.decode(), err.decode()[-4000:]
+  proc.wait(timeout=900)
+  err = log.read_text()
+  assert proc.returncode == 0, err[-4000:]
+  assert "preempted: checkpoint saved at step 1" in err, err[-4000:]
   ckpts = epath.Path(RUN) / "checkpoints"
   assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [1]
   assert _bucket_steps(RUN) == [1]

@@ -10,14 +10,18 @@ record is the first step alone (its time includes compiling the train step):
 1. ``cold``: a fresh workdir and an empty cache dir (everything compiles and is stored);
 2. ``rerun``: the same command in another fresh workdir (the cache is warm);
 3. ``resume``: the first workdir continued for ``--steps`` more steps (restores, then steps);
-4. ``no_cache``: a fresh workdir with ``--compile_cache=off`` (the old behaviour, for spread).
+4. ``no_cache``: a fresh workdir with ``--compile_cache=off`` (the old behaviour, for spread);
+5. ``resume_no_cache``: that workdir continued with the cache off (the resume baseline).
 
-Prints one JSON line: per run the first step's time, the whole process's wall time and the
-cache's size. Shapes are small (``--config.data.builder_config=small``, batch 8) so it runs in
-minutes on a CPU; timings move with machine load, so compare runs of one invocation.
+Prints one JSON line: per run the first step's time, the whole process's wall time and CPU
+time (user + system of the process and its children: on a shared machine the wall times move
+with the other load, the CPU seconds much less), and the cache's size. Shapes are small
+(``--config.data.builder_config=small``, batch 8) so it runs in minutes on a CPU; timings move
+with machine load, so compare runs of one invocation.
 """
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -49,9 +53,10 @@ def _train(workdir: str, cache: str, steps: int, new_steps: int | None = None) -
          "--config.data.batch_size=8", f"--config.train.num_steps={steps}",
          "--config.train.log_every=1", f"--config.train.save_every={max(steps, 1)}",
          "--config.train.progress=False", "--config.eval.suites=()", *FLAGS.override]
-  t0 = time.perf_counter()
+  t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-  wall = time.perf_counter() - t0
+  wall, ru1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
   if r.returncode:
     raise SystemExit(f"train failed ({r.returncode}):\n{r.stderr[-4000:]}")
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -60,7 +65,8 @@ def _train(workdir: str, cache: str, steps: int, new_steps: int | None = None) -
   new = new_steps or steps
   first = rows[-new] if len(rows) >= new else rows[0]
   return dict(first_step=first["step"], first_step_s=round(first["step_time"], 2),
-              later_step_s=round(rows[-1]["step_time"], 2), wall_s=round(wall, 1))
+              later_step_s=round(rows[-1]["step_time"], 2), wall_s=round(wall, 1),
+              cpu_s=round(cpu, 1))
 
 
 def main(argv):
@@ -77,9 +83,12 @@ def main(argv):
     out["rerun"] = _train(os.path.join(scratch, "b"), cache, n)
     out["resume"] = _train(os.path.join(scratch, "a"), cache, 2 * n, n)
     out["no_cache"] = _train(os.path.join(scratch, "c"), "off", n)
+    out["resume_no_cache"] = _train(os.path.join(scratch, "c"), "off", 2 * n, n)
     out["loadavg_after"] = [round(x, 1) for x in os.getloadavg()]
     out["rerun_step1_speedup"] = round(out["no_cache"]["first_step_s"]
                                        / max(out["rerun"]["first_step_s"], 1e-9), 2)
+    out["resume_step1_speedup"] = round(out["resume_no_cache"]["first_step_s"]
+                                        / max(out["resume"]["first_step_s"], 1e-9), 2)
     print(json.dumps(out))
   finally:
     if not FLAGS.workdir:

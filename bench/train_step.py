@@ -94,7 +94,7 @@ def bench_jax(args):
   frozen_bytes = on_dev0(tr.frozen)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = tr.jitted(batch).lower(state, tr.frozen, batch).compile()
+    compiled = tr.lower(batch).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

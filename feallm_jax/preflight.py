@@ -13,6 +13,10 @@ it checks, and reports together, every problem it finds, each naming the flag th
 * mesh against the device count; global batch against processes, micro-batches and shards
 * the model spec (feature layers, projector heads, attention kernel) on the resolved towers
 * a writable ``--workdir``
+* ``data.max_len`` against the conversations: the first examples the run would draw, made by
+  the pipeline's own code on the resolved towers (the ``<image>`` token counts once, its visual
+  tokens are added beyond max_len); refused when none of them fits, naming the
+  ``--config.data.max_len`` that keeps them (:func:`check_data_fit`; last, on a clean slate)
 
 The towers' own configs decide the architecture: :func:`resolve_backbones` returns a copy of the
 config whose ``model.vision`` / ``model.llm`` fields are the checkpoint's, so the pipeline's image
@@ -408,6 +412,26 @@ def check_workdir_writable(workdir: str) -> list[Problem]:
   return []
 
 
+def check_data_fit(config, *, source=None) -> list[Problem]:
+  """``data.max_len`` against the first training examples the run would draw
+  (``data.fit_check_examples`` of them, made as the pipeline makes them: ``pipeline.check_fit``):
+  a problem when every one of them would be dropped. Too many drops, but not all, is a
+  warning (the run stops later past ``data.max_dropped_fraction``)."""
+  from feallm_jax.data import pipeline
+  d = config.data
+  try:
+    pipeline.check_fit(config, split="train", seed=int(config.get("seed", 0)), source=source)
+  except pipeline.DroppedExamplesError as e:
+    drops = getattr(e, "drops", None)
+    if drops is not None and drops.needed_len:
+      fix = (f"--config.data.max_len={drops.needed_len} (it is {int(d.max_len)}; "
+             f"{drops.needed_len} keeps every one of these examples)")
+    else:
+      fix = "the change named above"
+    return [Problem("max_len", str(e), fix)]
+  return []
+
+
 # -- the whole pre-flight -----------------------------------------------------------------------
 
 def run(config, workdir: str | None = None, *, train: bool = True):
@@ -428,6 +452,8 @@ def run(config, workdir: str | None = None, *, train: bool = True):
     problems += check_model_spec(resolved)
   if workdir is not None:
     problems += check_workdir_writable(workdir)
+  if train and not problems:   # reads and tokenizes examples: only once all else is sound
+    problems += check_data_fit(resolved)
   if problems:
     raise PreflightError(problems)
   log.info("pre-flight passed: %s", describe_towers(resolved))

@@ -3,7 +3,8 @@
 One tiny run trained through ``launch/train.py`` (as a user types it) is shared by the tests:
 the default output is the run's own lines and warnings (no Orbax INFO, the parameter table
 once); ``--verbosity=0`` brings library INFO back; JAX's persistent compilation cache is filled
-by the first run and a second run in a fresh workdir compiles nothing new; ``predict.py
+by the first run, a second run in a fresh workdir compiles nothing new, and resuming the first
+run for more steps restores and runs the train step it compiled; ``predict.py
 --explain`` writes its overlay under the workdir (or ``--out``), never into the current
 directory, and prints the path.
 """
@@ -77,13 +78,26 @@ def test_default_output_is_quiet_and_readable(run):
 
 
 def test_compile_cache_filled_then_reused_by_a_rerun(run):
-  entries = run["entries"]
-  assert any("train_step" in e for e in entries), sorted(entries)[:20]
+  assert any("train_step" in e for e in run["entries"]), sorted(run["entries"])[:20]
+  entries = _entries(run["cache"])
   # A rerun of the same command in a fresh workdir, with library logs on: every program
   # comes from the cache (with min compile time 0, a compile would add an entry).
   second = _train(str(run["base"] / "b"), run["data"], run["cache"], "--verbosity=0")
   assert _entries(run["cache"]) == entries
   assert any(m in second.stderr for m in ORBAX_INFO)       # --verbosity=0: library INFO back
+
+
+def test_resumed_run_reuses_the_compiled_train_step(run):
+  """The first run's workdir continued from step 2 to 4 (``train.num_steps`` 2 -> 4, the
+  schedules' horizon changes): it restores the checkpoint and its first step loads the train
+  step the first run compiled; with min compile time 0 a compile would add an entry."""
+  before = _entries(run["cache"])
+  r = _train(run["workdir"], run["data"], run["cache"], "--config.train.num_steps=4")
+  assert "resumed from" in r.stderr and "at step 2" in r.stderr, r.stderr[-3000:]
+  assert "finished at step 4" in r.stderr
+  new = _entries(run["cache"]) - before
+  assert not [e for e in new if "train_step" in e], sorted(new)
+  assert "Compiling module jit__train_step" not in r.stderr   # XLA's slow-compile alarm
 
 
 def test_compile_cache_location_and_off_switch(tmp_path, monkeypatch):

@@ -63,6 +63,32 @@ def test_warmup_then_cosine_to_zero():
     optimizer.make_schedule(1.0, _config(warmup_frac=1.5))
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_schedule_equals_optax_with_a_traced_horizon(schedule):
+  """``make_schedule`` against optax's own schedules (linear warmup joined to the decay),
+  with the horizon as constants and as traced arguments of a jitted function: same values
+  at every count, past the end too."""
+  for num_steps, frac in ((10, 0.0), (10, 0.2), (37, 0.35)):
+    c = _config(schedule=schedule, warmup_frac=frac)
+    c.train.num_steps = num_steps
+    w = int(round(frac * num_steps))
+    decay = {"cosine": optax.cosine_decay_schedule(1e-2, max(num_steps - w, 1)),
+             "linear": optax.linear_schedule(1e-2, 0.0, max(num_steps - w, 1)),
+             "constant": optax.constant_schedule(1e-2)}[schedule]
+    ref = decay if w == 0 else optax.join_schedules(
+        [optax.linear_schedule(0.0, 1e-2, w), decay], [w])
+    h = optimizer.horizon(c)
+    assert h == {"warmup": w, "decay": max(num_steps - w, 1)}
+    sched = optimizer.make_schedule(1e-2, c)
+    traced = jax.jit(lambda n, h: sched(n, h))
+    h_arrays = {k: jnp.asarray(v, jnp.int32) for k, v in h.items()}
+    for n in range(num_steps + 3):
+      want = float(ref(n))
+      np.testing.assert_allclose(float(sched(n)), want, rtol=1e-6, atol=1e-9)
+      np.testing.assert_allclose(float(traced(jnp.int32(n), h_arrays)), want, rtol=1e-6,
+                                 atol=1e-9)
+
+
 def test_each_group_moves_at_its_own_rate(net):
   # Adam's first update is lr * sign(g) (up to eps): the step size reveals each group's lr.
   config = _config(warmup_frac=0.0, schedule="constant")

@@ -1,13 +1,16 @@
 """Pre-flight: every check that can run before the first step does, and names the flag to change.
 
 One test per check (suite names, suite datasets, training data, checkpoint vs config, tokenizer
-vs vocab, mesh vs devices, batch vs processes / accumulation / shards, model spec, workdir),
-then the whole thing through ``train_and_evaluate`` and ``launch/train.py``: refused in seconds,
-before a model is built or a file is written.
+vs vocab, mesh vs devices, batch vs processes / accumulation / shards, model spec, workdir,
+``data.max_len`` vs the longest conversation with its visual tokens), then the whole thing
+through ``train_and_evaluate`` and ``launch/train.py``: refused in seconds, before a model is
+built or a file is written. (The max_len refusal through ``launch/train.py``, exit code 2 and
+no traceback, is ``test_unfit.test_train_cli_refuses_naming_the_flag``.)
 """
 import glob
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -232,6 +235,28 @@ def test_workdir_that_cannot_be_written(tmp_path):
   assert "is a file" in str(preflight.check_workdir_writable(str(blocker))[0])
   assert preflight.check_workdir_writable(str(tmp_path / "new" / "run")) == []
   assert preflight.check_workdir_writable(str(tmp_path)) == []
+
+
+# -- max_len vs the conversations ------------------------------------------------------------------
+
+def test_max_len_vs_the_longest_conversation_with_its_visual_tokens(tmp_path, devices):
+  """max_len=10 (text tokens; the towers' 17 visual tokens come on top) leaves no answer token
+  in any tiny synthetic conversation: every example the run would draw drops. Refused by
+  pre-flight (a Problem naming the flag and the length that fits), through
+  ``train_and_evaluate`` before a model is built or the workdir written; the named length
+  really keeps them."""
+  from feallm_jax.train import train_and_evaluate
+  c = _config(tmp_path, max_len=10)
+  workdir = tmp_path / "run"
+  msg = _problems(train_and_evaluate, c, str(workdir))
+  assert "pre-flight found 1 problem" in msg and "[max_len]" in msg, msg
+  assert "would be dropped" in msg and "empty_answer" in msg
+  need = int(re.search(r"fix: --config\.data\.max_len=(\d+) \(it is 10", msg).group(1))
+  assert need > 10 and not workdir.exists()
+  c.data.max_len = need
+  assert preflight.check_data_fit(preflight.resolve_backbones(c)) == []
+  c.data.max_len = need - 1
+  assert pipeline.fit_check(c).dropped > 0
 
 
 # -- the whole pre-flight, where a user meets it ----------------------------------------------------

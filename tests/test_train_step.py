@@ -12,7 +12,7 @@ import configs.tiny_synthetic as tiny
 from feallm_jax import sharding
 from feallm_jax.data import pipeline
 from feallm_jax.models import feallm
-from feallm_jax.train import step as step_lib
+from feallm_jax.train import optimizer as optimizer_lib, step as step_lib
 
 
 def small_config(data_dir: str):
@@ -128,6 +128,33 @@ def test_batch_shape_errors_are_clear(setup):
   with pytest.raises(ValueError, match="nothing would train"):
     step_lib.Trainer(c, _copy(model), mesh, loss_fn=feallm.loss_fn,
                      trainable=nnx.All(nnx.Param, nnx.PathContains("nonexistent")))
+
+
+def test_step_program_does_not_depend_on_num_steps(setup):
+  """A run resumed with a longer ``train.num_steps`` runs the very program the first run
+  compiled (so JAX's persistent cache serves it): the schedules' horizon is an argument of the
+  step. The lowered programs are identical text, yet each step still follows its own run's
+  warmup: 5 warmup updates of 10 steps, 10 of 20 (the lr after one update: 0.2 and 0.1 x peak)."""
+  config, mesh, model, batches = setup
+  trainers = []
+  for num_steps in (10, 20):
+    c = config.copy_and_resolve_references()
+    c.train.num_steps = num_steps
+    c.optim.update(warmup_frac=0.5, schedule="cosine")
+    trainers.append((c, step_lib.Trainer(c, _copy(model), mesh, loss_fn=feallm.loss_fn,
+                                         trainable=feallm.trainable_filter(c))))
+  texts = [tr.lower(batches[0]).as_text() for _, tr in trainers]
+  assert texts[0] == texts[1]
+  peak = float(config.optim.lr_lora)
+  for (c, tr), want in zip(trainers, (0.2 * peak, 0.1 * peak)):
+    state = tr.initial_state()
+    for b in batches:
+      state, m = tr.step(state, tr.put_batch(b))
+    # lr_* is reported at the update count before this step's update: 1 after two steps.
+    np.testing.assert_allclose(float(m["lr_lora"]), want, rtol=1e-6)
+    assert int(state.updates) == 2
+    sched = optimizer_lib.make_schedule(peak, c)
+    np.testing.assert_allclose(float(m["lr_lora"]), float(sched(1)), rtol=1e-6)
 
 
 def test_clipping_and_weight_decay_act_inside_the_jitted_step(setup):

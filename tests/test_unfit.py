@@ -196,20 +196,22 @@ def test_too_many_drops_stop_with_reason_count_and_flag(planted):
 
 def test_nothing_fits_is_refused_before_the_first_step(bpe, tmp_path):
   """The issue's run: a byte-level BPE tokenizer (the image token lands at 108) with
-  tiny_synthetic's max_len=96. Refused before any model is built or file written, naming the
-  flag; the value it names really keeps the examples."""
+  tiny_synthetic's max_len=96. Refused by the pre-flight, before any model is built or file
+  written, naming the flag; the value it names really keeps the examples."""
+  from feallm_jax import preflight
   from feallm_jax.train import train_and_evaluate
   c = _tiny_model(tiny_synthetic.get_config())
   c.data.update(tokenizer=bpe, data_dir=str(tmp_path / "data"), builder_config="small",
                 batch_size=8, max_len=96)
   workdir = tmp_path / "work"
-  with pytest.raises(pipeline.DroppedExamplesError) as e:
+  with pytest.raises(preflight.PreflightError) as e:
     train_and_evaluate(c, str(workdir))
   msg = str(e.value)
+  assert "[max_len]" in msg and len(e.value.problems) == 1
   assert "every one of the first 96 training examples would be dropped" in msg, msg
   assert "image_past_max_len" in msg and "the <image> token sits past max_len" in msg
-  need = int(re.search(r"--config\.data\.max_len=(\d+)", msg).group(1))
-  assert not workdir.exists() or not (workdir / "checkpoints").exists()
+  need = int(re.search(r"fix: --config\.data\.max_len=(\d+)", msg).group(1))
+  assert not workdir.exists()
   c.data.max_len = need
   assert pipeline.fit_check(c).dropped == 0
   c.data.max_len = need - 1
@@ -217,7 +219,8 @@ def test_nothing_fits_is_refused_before_the_first_step(bpe, tmp_path):
 
 
 def test_train_cli_refuses_naming_the_flag(bpe, tmp_path):
-  """launch/train.py, as the issue ran it: exits before the first step with the flag named."""
+  """launch/train.py, as the issue ran it: a pre-flight refusal before the first step (exit
+  code 2, the message and the flag, no traceback), like every other pre-flight problem."""
   workdir = tmp_path / "work"
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "launch", "train.py"),
@@ -226,14 +229,16 @@ def test_train_cli_refuses_naming_the_flag(bpe, tmp_path):
        f"--config.data.tokenizer={bpe}", "--config.data.max_len=96",
        "--config.data.batch_size=8", "--config.model.base_checkpoint=",
        "--config.train.progress=False"],
-      capture_output=True, text=True, timeout=600,
+      capture_output=True, text=True, timeout=900,             # a loaded 2-core CPU
       env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=1"))
-  assert out.returncode != 0
-  assert "DroppedExamplesError" in out.stderr and "image_past_max_len" in out.stderr
-  assert re.search(r"--config\.data\.max_len=\d+ keeps every example", out.stderr), \
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr and "DroppedExamplesError" not in out.stderr
+  assert "pre-flight found 1 problem" in out.stderr and "[max_len]" in out.stderr
+  assert "image_past_max_len" in out.stderr
+  assert re.search(r"fix: --config\.data\.max_len=\d+ \(it is 96", out.stderr), \
       out.stderr[-3000:]
-  assert not (workdir / "checkpoints").exists()
+  assert not workdir.exists()
 
 
 def test_length_report_and_build_dataset_cli(planted, tmp_path):

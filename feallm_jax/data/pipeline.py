@@ -542,7 +542,12 @@ class TrainExample(grain.transforms.Map):
 # --- drop accounting ---------------------------------------------------------------------------
 
 class DroppedExamplesError(ValueError):
-  """More training examples were dropped than ``data.max_dropped_fraction`` allows."""
+  """More training examples were dropped than ``data.max_dropped_fraction`` allows
+  (``drops``: the DropLog counted, when known)."""
+
+  def __init__(self, message: str, drops: DropLog | None = None):
+    super().__init__(message)
+    self.drops = drops
 
 
 MAX_IDS = 5   # ids kept (and logged) per reason
@@ -884,7 +889,7 @@ def check_fit(config, *, split: str = "train", seed: int | None = None, source=N
   if drops.examples and drops.dropped == drops.examples:
     raise DroppedExamplesError(
         f"{name}: every one of the first {drops.examples} training examples would be dropped, "
-        f"nothing to train on: {drops.describe(int(d.max_len))}")
+        f"nothing to train on: {drops.describe(int(d.max_len))}", drops)
   limit = float(d.get("max_dropped_fraction", 0.01))
   if drops.fraction > limit:
     log.warning("%s: %s among the first examples, more than data.max_dropped_fraction=%s: the "

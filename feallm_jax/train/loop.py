@@ -7,7 +7,8 @@ is created. Restarting the same command resumes from the newest good checkpoint;
 preempted VM) saves at the next step boundary and exits cleanly.
 
 Examples that cannot be fitted are dropped by the pipeline, never fatal one by one: the run
-refuses to start when the first examples it would draw all drop (``pipeline.check_fit``), logs
+refuses to start when the first examples it would draw all drop (pre-flight's
+``check_data_fit``: data.max_len against the conversations with their visual tokens), logs
 the cumulative counts by reason with every record, and stops (``DroppedExamplesError``, naming
 the reason, the count and the flag) only once more than ``data.max_dropped_fraction`` of the
 examples drawn were dropped.
@@ -224,9 +225,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   _check_config(config)
   ckpt_lib.check_workdir(config, workdir, base_fingerprint=None)
   compile_cache.enable_once(config)   # before the first compile: reruns/resumes reuse programs
-  # ... and data of which not one example fits (the first examples the run would draw).
   source = pipeline.data_source(config, split="train", decode_images=False)
-  pipeline.check_fit(config, split="train", seed=int(config.get("seed", 0)), source=source)
 
   mesh = sharding.make_mesh(dict(config.mesh))
   model = feallm.build_model(config, mesh)

@@ -4,6 +4,11 @@ The model is split once into ``graphdef`` (static), trainable weights, frozen we
 (RNG keys/counts). Only the trainable part gets gradients and optimizer state; the frozen part is
 an input of the step that is never donated nor returned, so it cannot change. Python graph walks
 (``nnx.merge``) happen at trace time only: the hot loop calls one compiled function.
+
+The learning-rate schedules' lengths (``optimizer.horizon``: warmup and decay updates, from
+``train.num_steps``) are an argument of the step too, never constants of the program: a run
+resumed with a longer ``train.num_steps`` compiles the identical program, which JAX's
+persistent compilation cache then serves instead of compiling again.
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ class Trainer:
     self.graphdef = graphdef
     self.group_sizes = optimizer_lib.group_sizes(params_v)
     self.tx, self.schedules = optimizer_lib.make(config, params_v)
+    self.horizon = optimizer_lib.horizon(config)   # python ints; the step gets them as arrays
     frozen = nnx.as_pure(frozen_v)
     frozen_dtype = config.model.get("frozen_dtype", "")
     if frozen_dtype:
@@ -122,6 +128,12 @@ class Trainer:
       # the frozen base, which is never donated and stays shared.
       self._initial = jax.device_put(state, self.state_shardings, may_alias=False)
       self.frozen = jax.device_put(frozen, self.frozen_shardings)
+    replicated = NamedSharding(mesh, P())
+    self._horizon_abstract = {k: jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+                              for k in self.horizon}
+    self._horizon = (self._horizon_abstract if self.is_abstract else
+                     {k: jax.device_put(np.asarray(v, np.int32), replicated)
+                      for k, v in self.horizon.items()})
     self._compiled: dict[Any, Any] = {}
 
   # -- state ---------------------------------------------------------------------------------
@@ -220,7 +232,7 @@ class Trainer:
     acc_sum = jnp.asarray(metrics.get("accuracy", 0.0), jnp.float32) * tokens
     return grads, new_rest, loss_sum, acc_sum, tokens
 
-  def _train_step(self, state: TrainState, frozen, batch):
+  def _train_step(self, state: TrainState, frozen, batch, horizon):
     k = self.accum_steps
     if k == 1:
       grads, rest, loss_sum, acc_sum, tokens = self._loss_and_grad(state.params, frozen,
@@ -243,10 +255,10 @@ class Trainer:
     loss = loss_sum / denom
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
+    updates, new_opt = self.tx.update(grads, state.opt_state, state.params, horizon=horizon)
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    lrs = optimizer_lib.learning_rates(self.schedules, state.updates, self.group_sizes)
+    lrs = optimizer_lib.learning_rates(self.schedules, state.updates, self.group_sizes, horizon)
     new_state = state.replace(
         step=state.step + 1,
         updates=state.updates + finite.astype(jnp.int32),
@@ -273,14 +285,15 @@ class Trainer:
     return out
 
   def jitted(self, batch: Mapping[str, Any]):
-    """The compiled-once step for batches shaped like ``batch`` (explicit shardings)."""
+    """The compiled-once step ``(state, frozen, batch, horizon) -> (state, metrics)`` for
+    batches shaped like ``batch`` (explicit shardings; :meth:`step` supplies the rest)."""
     key = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
     fn = self._compiled.get(key)
     if fn is None:
       replicated = NamedSharding(self.mesh, P())
       fn = jax.jit(self._train_step,
                    in_shardings=(self.state_shardings, self.frozen_shardings,
-                                 self.batch_shardings(batch)),
+                                 self.batch_shardings(batch), replicated),
                    out_shardings=(self.state_shardings, replicated),
                    donate_argnums=(0,))
       self._compiled[key] = fn
@@ -296,13 +309,14 @@ class Trainer:
     abstract_batch = {k: spec(v, shardings[k]) for k, v in batch.items()}
     frozen = jax.tree.map(spec, self.frozen, self.frozen_shardings)
     with jax.set_mesh(self.mesh):
-      return self.jitted(batch).lower(self._abstract, frozen, abstract_batch)
+      return self.jitted(batch).lower(self._abstract, frozen, abstract_batch,
+                                      self._horizon_abstract)
 
   def step(self, state: TrainState, batch: Mapping[str, jax.Array]):
     """One update; ``state`` is donated (do not reuse it)."""
     self._initial = None  # its buffers may be donated below
     with jax.set_mesh(self.mesh):
-      return self.jitted(batch)(state, self.frozen, batch)
+      return self.jitted(batch)(state, self.frozen, batch, self._horizon)
 
   def put_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """Process-local numpy batch -> global arrays sharded over data x fsdp."""

@@ -131,7 +131,13 @@ def gcs(monkeypatch):
   for k, v in env.items():
     monkeypatch.setenv(k, v)
   # fsspec caches filesystems per process, each bound to the emulator it was made for.
+  # And whatever another test of this worker registered for gs:// (a fake) must not serve it.
+  import fsspec
   import gcsfs
+  from etils.epath import backend
+  for proto in ("gs", "gcs"):
+    fsspec.register_implementation(proto, gcsfs.GCSFileSystem, clobber=True)
+  backend.fsspec_backend._get_filesystem.cache_clear()
   gcsfs.GCSFileSystem.clear_instance_cache()
   try:
     yield env

@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   # are dropped and counted; the run stops when more than this fraction of the examples drawn
   # (counted once drop_check_after were drawn) were dropped, and refuses to start when all of
   # the first fit_check_examples would be.
-  d.rare_au_repeat = 1      # >1: records showing an AU rarer than rare_au_frequency, k x per epoch
+  d.rare_au_repeat = 3      # records showing an AU rarer than rare_au_frequency: 3 x per epoch
   d.rare_au_frequency = 0.08
   d.max_dropped_fraction = 0.01
   d.drop_check_after = 1000

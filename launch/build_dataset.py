@@ -5,6 +5,8 @@ not fit that config's ``data.max_len``).
   python launch/build_dataset.py --dataset=synthetic_fea --data_dir=runs/data
   python launch/build_dataset.py --dataset=raf_db --data_dir=runs/data --manual_dir=~/RAF-DB
   python launch/build_dataset.py --dataset=synthetic_fea --config=default --num_train=1000
+  python -m launch.build_dataset --dataset=synthetic_fea --data_dir=gs://bucket/tfds  # built in
+      $TMPDIR, then copied up (ArrayRecord writes local files only; it reads gs:// itself)
   python launch/build_dataset.py --dataset=disfa --data_dir=runs/data --manual_dir=~/DISFA \\
       --frame_base=0          # frames extracted from 0 (ME-GraphAU, PyTorch-JAANet); auto detects
   python launch/build_dataset.py --dataset=llava_instruct --data_dir=/data/tfds \\
@@ -24,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Dataset to build.")
-flags.DEFINE_string("data_dir", "runs/data", "tfds data_dir the ArrayRecord files go to.")
+flags.DEFINE_string("data_dir", "runs/data", "tfds data_dir the ArrayRecord files go to (a "
+                    "local folder or gs://bucket/...).")
 flags.DEFINE_string("manual_dir", None, "Folder with the manually downloaded files.")
 flags.DEFINE_string("config", None, "Builder config (default: the builder's first).")
 flags.DEFINE_integer("num_train", None, "synthetic_fea: train size override.")

@@ -22,8 +22,34 @@ def _trainer(config, mesh):
                           trainable=feallm.trainable_filter(config))
 
 
-def _dir_bytes(path):
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+def _ocdbt(state_dir, **spec):
+  import tensorstore as ts
+  return ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state_dir}/", **spec}).result()
+
+
+def _stored_bytes(state_dir) -> dict[str, int]:
+  """{key: bytes} of every value the saved checkpoint holds, read through TensorStore's OCDBT
+  driver (what a restore reads: array chunks and their zarr metadata).
+
+  Not the folder's size on disk: Orbax's async writes reach OCDBT in as many commits as they
+  happen to be batched into (6 to 15 measured for this checkpoint on an idle machine, more under
+  load), and every commit writes a new copy of the B-tree index that later commits supersede
+  but never delete. The folder measured 0.44 to 0.69 MB idle and 1.65 MB once in the parallel
+  suite for the same 0.21 MB of values, so its size says how busy the machine was."""
+  kv = _ocdbt(state_dir)
+  return {k.decode(): len(kv.read(k).result().value) for k in kv.list().result()}
+
+
+def _commits(state_dir) -> list[int]:
+  """Generation numbers of every OCDBT commit of process 0's store (superseded ones too)."""
+  import tensorstore as ts
+  base = ts.KvStore.open(f"file://{os.path.join(state_dir, 'ocdbt.process_0')}/").result()
+  return [v["generation_number"] for v in ts.ocdbt.dump(base).result()["versions"]]
+
+
+def _array_path(key: str) -> tuple[str, ...]:
+  """'params.llm.layers.0.q.lora_a/0' -> ('params', 'llm', 'layers', '0', 'q', 'lora_a')."""
+  return tuple(key.rsplit("/", 1)[0].split("."))
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +110,6 @@ def _stored_leaves(state_dir):
   return out
 
 
-@pytest.mark.xfail(strict=False, reason=('on-disk size check failed once in the full suite after the merges '
-                           'merges (1.65 MB dir vs 1.15 MB frozen; payload check passes)'))
 def test_checkpoint_size_scales_with_trainable_weights(run, tmp_path):
   tr = run["tr"]
   trainable = sum(x.nbytes for x in jax.tree.leaves(run["state3"].params))
@@ -115,8 +139,19 @@ def test_checkpoint_size_scales_with_trainable_weights(run, tmp_path):
   # What it holds: params + Adam mu/nu + a few counters and RNG/iterator scalars.
   payload = sum(int(np.prod(shape)) * dt.itemsize for _, shape, dt in stored)
   assert 3 * trainable <= payload < 3 * trainable + 4096, (payload, trainable)
-  size = _dir_bytes(os.path.join(run["workdir"], "checkpoints", "2"))
-  assert size < frozen, (size, frozen)
+  # What the files hold: the saved version's values (zstd-compressed chunks + zarr metadata)
+  # are about the payload and well under the frozen weights ...
+  values = _stored_bytes(state_dir)
+  held = sum(values.values())
+  assert payload // 2 < held < payload + 200 * len(values) < frozen / 3, (held, payload, frozen)
+  assert {_array_path(k) for k in values} == {p for p, _, _ in stored}
+  # ... and no commit, superseded ones included, ever wrote a frozen weight.
+  commits = _commits(state_dir)
+  assert commits
+  for generation in commits:
+    keys = _ocdbt(os.path.join(state_dir, "ocdbt.process_0"), version=generation).list().result()
+    written = [(_array_path(k.decode()), None, None) for k in keys]
+    assert written and not leaks(written), (generation, leaks(written)[:3])
 
 
 def test_corrupt_latest_falls_back_to_previous(run, tmp_path, caplog):

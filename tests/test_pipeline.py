@@ -153,7 +153,8 @@ def test_rare_au_repeat_draws_rare_au_faces_k_times_an_epoch_each_copy_its_own_e
   a, b = ex.example(0, i), ex.example(0, 2 * n + i)
   assert not np.array_equal(a["image"], b["image"])
   np.testing.assert_array_equal(a["au_present"], b["au_present"])
-  assert pipeline.rare_au_repeats(cfg, src) is None     # off by default: order as before
+  c2.data.rare_au_repeat = 1                            # off: the order is the plain shuffle
+  assert pipeline.rare_au_repeats(c2, src) is None
   c2.data.rare_au_repeat = 0
   with pytest.raises(ValueError, match="rare_au_repeat"):
     pipeline.rare_au_repeats(c2, src)

@@ -172,10 +172,7 @@ def _write_remote(out_dir, results, predictions, ident) -> tuple[dict, bool]:
                   out_dir, _describe(ident))
       dst.rmtree()
     dst.mkdir(parents=True, exist_ok=True)
-    names = sorted(os.listdir(tmp), key=lambda n: n != "results.json")
-    for n in names:
-      with open(os.path.join(tmp, n), "rb") as f:
-        (dst / n).write_bytes(f.read())
+    paths.upload_tree(tmp, dst, first=("results.json",))
   return files, replaced
 
 

@@ -2,6 +2,12 @@
 
 `build()` is what launch/build_dataset.py and the tests call: it prepares one dataset as
 ArrayRecord and returns a summary (examples per split, skipped examples by reason).
+
+``data_dir`` may be a ``gs://`` URL. tfds reads and lists it through ``etils.epath`` (gcsfs when
+TensorFlow is absent), and ArrayRecord's reader opens ``gs://`` shards with its own C++ GCS client
+(riegeli's GcsReader: application default credentials; ``CLOUD_STORAGE_EMULATOR_ENDPOINT`` for an
+emulator). ArrayRecord's *writer* writes local files only, so a build for a bucket is prepared in
+a local temporary directory and copied up (see ``_build_staged``).
 """
 from __future__ import annotations
 
@@ -10,8 +16,11 @@ import importlib
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Any
+
+from feallm_jax import paths
 
 # name -> (module, class); imported lazily so one dataset's dependencies never block another.
 BUILDERS: dict[str, tuple[str, str]] = {
@@ -119,14 +128,34 @@ def make_builder(name: str, data_dir: str, *, config: str | None = None,
 def _built_custom(name: str, data_dir: str, cfg_name: str):
   """A builder read back from disk for a config built earlier with overrides."""
   import tensorflow_datasets as tfds
-  root = os.path.join(data_dir, name, cfg_name)
-  if not os.path.isdir(root):
+  root = paths.path(data_dir) / name / cfg_name
+  if not root.is_dir():
     return None
-  versions = sorted(v for v in os.listdir(root) if v[:1].isdigit())
+  versions = sorted(p.name for p in root.iterdir() if p.name[:1].isdigit())
   if not versions:
     return None
   builder_class(name)   # registers the features' module
-  return tfds.builder_from_directory(os.path.join(root, versions[-1]))
+  return tfds.builder_from_directory(root / versions[-1])
+
+
+def _build_staged(name: str, target, dl, *, config, overrides, **kwargs):
+  """Prepares a dataset for a remote ``data_dir`` whose version folder is ``target``.
+
+  ArrayRecord's writer opens local files only (riegeli's FdWriter: a ``gs://`` path fails with
+  "open() failed"), so tfds prepares it under a local temporary data_dir, removed afterwards, and
+  the version folder is copied up through epath. ``dataset_info.json`` and ``features.json`` go
+  last: tfds takes a folder as prepared once both exist, so no reader sees half a dataset, and a
+  copy cut short is redone by the next build. Returns the local builder (its skip counts).
+  """
+  with tempfile.TemporaryDirectory(prefix="feallm_tfds_") as tmp:
+    local = make_builder(name, tmp, config=config, overrides=overrides, **kwargs)
+    local.download_and_prepare(download_config=dl)
+    src = paths.path(local.data_dir)
+    (src / "skipped.json").write_text(local.skips.to_json(noted=local.noted))
+    if target.exists():     # an earlier copy cut short
+      target.rmtree()
+    paths.upload_tree(src, target, last=("features.json", "dataset_info.json"))
+  return local
 
 
 def build(name: str, data_dir: str, *, config: str | None = None, manual_dir: str | None = None,
@@ -146,29 +175,35 @@ def build(name: str, data_dir: str, *, config: str | None = None, manual_dir: st
   console.setup_once()
   if manual_dir:
     manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
+  remote = paths.is_remote(data_dir)
   b = make_builder(name, data_dir, config=config, overrides=overrides,
                    **kwargs)
   dl = tfds.download.DownloadConfig(manual_dir=manual_dir)
   t0 = time.time()
-  if overwrite and os.path.isdir(b.data_dir):
-    import shutil
-    shutil.rmtree(b.data_dir)
+  target = paths.path(b.data_dir)
+  if overwrite and target.is_dir():
+    target.rmtree()
     b = make_builder(name, data_dir, config=config, overrides=overrides,
                      **kwargs)
-  existed = os.path.isdir(b.data_dir)
+  # Locally tfds renames a finished folder into place; in a bucket a folder is there in part
+  # while it is copied up, so there only a prepared one counts.
+  existed = b.is_prepared() if remote else target.is_dir()
   if not existed and console.is_quiet():
     logging.getLogger(__name__).info("building %s/%s under %s", name,
                                      b.builder_config.name if b.builder_config else "", data_dir)
+  report_path = target / "skipped.json"
   with console.quiet_tfds():
-    b.download_and_prepare(download_config=dl)
+    if remote and not existed:
+      local = _build_staged(name, target, dl, config=config, overrides=overrides, **kwargs)
+      b = make_builder(name, data_dir, config=config, overrides=overrides, **kwargs)
+      b.skips, b.noted = local.skips, local.noted
+    else:
+      b.download_and_prepare(download_config=dl)
   secs = time.time() - t0
-  report_path = os.path.join(b.data_dir, "skipped.json")
-  if not existed:
-    with open(report_path, "w") as f:
-      f.write(b.skips.to_json(noted=b.noted))
-  elif os.path.exists(report_path):
-    with open(report_path) as f:
-      old = json.load(f)
+  if not existed and not remote:
+    report_path.write_text(b.skips.to_json(noted=b.noted))
+  elif existed and report_path.exists():
+    old = json.loads(report_path.read_text())
     b.skips.counts.update({(s, r): n for s, d in old["counts"].items() for r, n in d.items()})
     b.skips.first.update({(s, r): m for s, d in old.get("first", {}).items()
                           for r, m in d.items()})

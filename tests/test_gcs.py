@@ -34,6 +34,7 @@ import time
 import pytest
 
 from feallm_jax import paths  # noqa: F401  (before any gs:// use: no stale gcsfs listings)
+from tests.cli_helpers import tiny_train_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "feallm-test"
@@ -146,22 +147,8 @@ def gcs(monkeypatch):
     server.stop()
 
 
-def _args(data_dir):
-  return ["--config=" + os.path.join(ROOT, "configs", "tiny_synthetic.py"),
-          f"--config.data.data_dir={data_dir}", "--config.data.builder_config=small",
-          "--config.data.batch_size=8", "--config.data.augment=False",
-          "--config.data.max_len=96", "--config.model.base_checkpoint=",
-          "--config.model.vision.hidden_size=64", "--config.model.vision.intermediate_size=128",
-          "--config.model.vision.num_layers=2", "--config.model.vision.num_heads=2",
-          "--config.model.llm.hidden_size=64", "--config.model.llm.intermediate_size=128",
-          "--config.model.llm.num_layers=2", "--config.model.llm.num_heads=2",
-          "--config.model.llm.num_kv_heads=1", "--config.model.llm.head_dim=32",
-          "--config.model.multi_layers=(1,2)", "--config.model.projector=mlp",
-          "--config.model.local_clues=False", "--config.model.lora.dropout=0.0"]
-
-
 def _train(data_dir, steps):
-  return [sys.executable, "-m", "launch.train", f"--workdir={RUN}", *_args(data_dir),
+  return [sys.executable, "-m", "launch.train", f"--workdir={RUN}", *tiny_train_flags(data_dir),
           f"--config.train.num_steps={steps}", "--config.train.log_every=1",
           "--config.train.save_every=100", "--config.train.progress=False",
           "--config.eval.suites=()"]
@@ -296,7 +283,7 @@ def test_gs_workdir_train_preempt_resume_evaluate(gcs, tmp_path, monkeypatch):
 
   # 3. Evaluate the bucket's checkpoint; outputs land in the bucket.
   out = subprocess.run([sys.executable, "-m", "launch.eval_feabench", f"--workdir={RUN}",
-                        *_args(DATA), "--config.eval.num_samples=2",
+                        *tiny_train_flags(DATA), "--config.eval.num_samples=2",
                         "--config.eval.max_new_tokens=4", "--suites=synthetic_fea",
                         "--mode=generate", "--noprogress"],
                        cwd=cwd, env=env, capture_output=True, timeout=1800)

@@ -11,25 +11,15 @@ import numpy as np
 import pytest
 
 from feallm_jax.train import NonFiniteError, metrics_log, train_and_evaluate
+from tests.cli_helpers import tiny_train_flags
 from tests.test_train_step import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(workdir, data_dir, steps):
-  return [sys.executable, os.path.join(ROOT, "launch", "train.py"),
-          "--config=" + os.path.join(ROOT, "configs", "tiny_synthetic.py"),
-          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-          "--config.data.builder_config=small", "--config.data.batch_size=8",
-          "--config.data.augment=False", "--config.data.max_len=96",
-          "--config.model.base_checkpoint=",
-          "--config.model.vision.hidden_size=64", "--config.model.vision.intermediate_size=128",
-          "--config.model.vision.num_layers=2", "--config.model.vision.num_heads=2",
-          "--config.model.llm.hidden_size=64", "--config.model.llm.intermediate_size=128",
-          "--config.model.llm.num_layers=2", "--config.model.llm.num_heads=2",
-          "--config.model.llm.num_kv_heads=1", "--config.model.llm.head_dim=32",
-          "--config.model.multi_layers=(1,2)", "--config.model.projector=mlp",
-          "--config.model.local_clues=False", "--config.model.lora.dropout=0.0",
+  return [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--workdir={workdir}",
+          *tiny_train_flags(data_dir),
           f"--config.train.num_steps={steps}", "--config.train.log_every=1",
           "--config.train.save_every=100", "--config.train.progress=False",
           "--config.eval.suites=()", "--config.optim.lr_base=1e-3", "--config.optim.lr_proj=1e-3"]

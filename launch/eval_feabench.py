@@ -18,6 +18,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from feallm_jax import distributed as _distributed
+
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=False)
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
 flags.DEFINE_string("checkpoint", "", "Step, run workdir or checkpoints/<step> dir ('' = latest).")
@@ -29,6 +31,7 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_string("compile_cache", "", "JAX persistent compilation cache dir; 'off' disables "
                     "it ('' = $FEALLM_COMPILE_CACHE, else ~/.cache/feallm_jax/jax).")
 flags.mark_flags_as_required(["config", "workdir"])
+_distributed.define_flags()
 FLAGS = flags.FLAGS
 
 
@@ -39,8 +42,11 @@ def main(argv):
   console.setup()   # --verbosity=0 shows every library's INFO lines
   config = FLAGS.config
   import jax
-  if config.get("distributed", False):
-    jax.distributed.initialize()
+  try:   # before any other jax call touches the backends
+    _distributed.initialize(config, FLAGS)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   compile_cache.enable(FLAGS.compile_cache, config)
   if FLAGS.num_samples is not None:
     config.eval.num_samples = FLAGS.num_samples

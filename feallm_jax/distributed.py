@@ -119,3 +119,33 @@ def initialize(config=None, flags_values=None) -> bool:
   log.info("joined a %d-process job as process %d (%d local / %d global devices)",
            jax.process_count(), jax.process_index(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def allgather_objects(obj) -> list:
+  """``obj`` of every process, in process order (pickled, gathered as bytes over the devices);
+  ``[obj]`` in a single process. Every process must call it at the same point."""
+  import jax
+  if jax.process_count() == 1:
+    return [obj]
+  import pickle
+
+  import numpy as np
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64)))
+  sizes = sizes.reshape(-1)
+  padded = np.zeros((int(sizes.max()),), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [pickle.loads(rows[i, :int(n)].tobytes()) for i, n in enumerate(sizes)]
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when ``flag`` is true on any (the same decision everywhere, e.g.
+  whether a batch needs a collective computation at all)."""
+  import jax
+  if jax.process_count() == 1:
+    return bool(flag)
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))))

@@ -41,7 +41,6 @@ def main(argv):
   from feallm_jax import compile_cache, console
   console.setup()   # --verbosity=0 shows every library's INFO lines
   config = FLAGS.config
-  import jax
   try:   # before any other jax call touches the backends
     _distributed.initialize(config, FLAGS)
   except ValueError as e:

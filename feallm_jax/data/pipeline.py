@@ -722,6 +722,33 @@ class TrainIterator(grain.DatasetIterator):
     self._parent.set_state(state)
     self.drops = DropLog.from_state(drops)
 
+  @classmethod
+  def reshard_states(cls, states: Sequence[dict], process_index: int) -> dict:
+    """The state of process ``process_index`` of a job with a different process count, from
+    the states every process of the saving job wrote (in process order).
+
+    Grain's part of the state counts *global* batches (``ProcessRows`` gives every process one
+    block of each global batch), so it is the same in every process and valid for any count.
+    The drop counts are per process: the new process 0 takes their sum and the others start
+    from zero, so the run's total (what every process sums) is unchanged."""
+    grain_parts = [{k: v for k, v in st.items() if k != cls.STATE_KEY} for st in states]
+    if any(g != grain_parts[0] for g in grain_parts[1:]):
+      raise ValueError("the data iterator states of the saving processes differ (" +
+                       "; ".join(json.dumps(g, sort_keys=True)[:200] for g in grain_parts) +
+                       "): cannot restore them into a different process count")
+    merged = DropLog()
+    for st in states:
+      d = DropLog.from_state(st.get(cls.STATE_KEY))
+      merged.examples += d.examples
+      merged.unfilled += d.unfilled
+      merged.needed_len = max(merged.needed_len, d.needed_len)
+      for r, n in d.counts.items():
+        merged.counts[r] = merged.counts.get(r, 0) + n
+      for r, ids in d.ids.items():
+        listed = merged.ids.setdefault(r, [])
+        listed += [i for i in ids if i not in listed][:max(0, MAX_IDS - len(listed))]
+    return {**grain_parts[0], cls.STATE_KEY: (merged if process_index == 0 else DropLog()).state()}
+
   def __str__(self) -> str:
     return f"TrainIterator(split={self.split})"
 

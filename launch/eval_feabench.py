@@ -58,7 +58,11 @@ def main(argv):
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  files = results["files"]
+  files = results.get("files")
+  if files is None:        # a multi-process job: process 0 writes and prints the results
+    import jax
+    print(f"process {jax.process_index()}: evaluated its share; process 0 wrote the results")
+    return
   from feallm_jax import paths
   print(paths.path(files["results_md"]).read_text())
   print(f"wrote {files['results_json']}")

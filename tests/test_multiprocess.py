@@ -296,3 +296,37 @@ def test_sigterm_to_one_process_saves_everywhere_and_resumes(runs):
   assert sorted(got) == list(range(1, STEPS + 1))
   _assert_same_losses(want, got, range(1, STEPS + 1))
   _assert_same_params(_params(runs["ref"], STEPS), _params(work, STEPS))
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+def _eval_cmd(workdir: str, data: str, mode: str, out_dir: str) -> list[str]:
+  # 5 records x 4 tasks = 20 rows: two global batches of 16, the second one padded.
+  return [PY, os.path.join(ROOT, "launch", "eval_feabench.py"), f"--workdir={workdir}",
+          *tiny_train_flags(data), "--suites=synthetic_fea", f"--mode={mode}", "--num_samples=5",
+          "--config.eval.max_new_tokens=4", "--config.eval.batch_size=16", "--progress=False",
+          f"--out_dir={out_dir}"]
+
+
+def _suite_numbers(out_dir: str) -> str:
+  results = json.load(open(os.path.join(out_dir, "results.json")))
+  return json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "seconds"}
+                     for k, v in results["suites"].items()}, sort_keys=True)
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+def test_two_process_evaluation_equals_one(runs, mode):
+  root, ref, data, cache = runs["root"], runs["ref"], runs["data"], runs["cache"]
+  one, two = str(root / f"eval1_{mode}"), str(root / f"eval2_{mode}")
+  _run_single(_eval_cmd(ref, data, mode, one), _env(cache, devices=8))
+  out = _run_job(_eval_cmd(ref, data, mode, two), _env(cache), str(root / f"eval_{mode}.log"))
+  assert "[p1] process 1: evaluated its share" in out, out[-3000:]
+  preds = "predictions_synthetic_fea.jsonl"
+  a = open(os.path.join(one, preds)).read()
+  b = open(os.path.join(two, preds)).read()
+  assert len(a.splitlines()) == 20 and a == b           # same rows, order, texts and probabilities
+  if mode == "score":
+    assert "emotion_probs" in a
+  assert _suite_numbers(one) == _suite_numbers(two)     # every metric, bit for bit
+  meta = json.load(open(os.path.join(two, "results.json")))["meta"]
+  assert meta["mode"] == mode and meta["step"] == STEPS

@@ -11,9 +11,10 @@ process gets ``JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>``, ``JAX_NUM_PROCES
 * Output: every line of every process, prefixed ``[p<i>]``; the launcher's own lines ``[launch]``
   (one ``[launch] p<i> pid <pid>`` line per process, so a test can signal one of them).
 * Failure: the first process that exits non-zero stops the others (SIGTERM to its process group,
-  SIGKILL after ``--grace_s``) and the launcher exits with that code; ``--timeout_s`` bounds the
-  whole run the same way (exit 124). Each process leads its own process group, so Grain workers
-  and other children go with it: nothing is left running.
+  SIGKILL after ``--grace_s``) and the launcher exits with that code
+  (``--nostop_all_on_failure``: the others are left to notice it themselves, as on a cluster);
+  ``--timeout_s`` bounds the whole run the same way (exit 124). Each process leads its own
+  process group, so Grain workers and other children go with it: nothing is left running.
 * SIGTERM / SIGINT to the launcher is forwarded to every process (a preempted job: each one saves
   and exits 0), then the launcher waits for them like for a normal exit.
 """
@@ -38,6 +39,9 @@ flags.DEFINE_float("timeout_s", 3600.0, "Stop every process (exit 124) after thi
 flags.DEFINE_float("grace_s", 20.0, "Seconds between SIGTERM and SIGKILL when stopping them.")
 flags.DEFINE_integer("heartbeat_timeout_s", 30, "How soon the others notice a dead process "
                      "($FEALLM_HEARTBEAT_TIMEOUT_S of each process; jax's default is 100).")
+flags.DEFINE_bool("stop_all_on_failure", True, "Stop the others as soon as one process fails "
+                  "(False: let them notice it themselves, as on a real cluster, still bounded by "
+                  "--timeout_s).")
 FLAGS = flags.FLAGS
 
 
@@ -96,7 +100,8 @@ def stop_all(procs: list[subprocess.Popen], grace_s: float, sig: int = signal.SI
 
 
 def run(command: list[str], num_processes: int, devices_per_process: int, *, port: int = 0,
-        timeout_s: float = 3600.0, grace_s: float = 20.0, heartbeat_s: int | None = 30) -> int:
+        timeout_s: float = 3600.0, grace_s: float = 20.0, heartbeat_s: int | None = 30,
+        stop_all_on_failure: bool = True) -> int:
   """Starts the job, streams its output, returns the exit code (0: every process exited 0)."""
   if num_processes < 1 or devices_per_process < 1:
     raise app.UsageError("--num_processes and --devices_per_process must be >= 1")
@@ -117,6 +122,7 @@ def run(command: list[str], num_processes: int, devices_per_process: int, *, por
 
   previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
   code = 0
+  reported: set[int] = set()
   try:
     for i in range(num_processes):
       env = process_env(os.environ, i, num_processes, port, devices_per_process, heartbeat_s)
@@ -130,13 +136,14 @@ def run(command: list[str], num_processes: int, devices_per_process: int, *, por
     deadline = time.monotonic() + timeout_s
     while True:
       codes = [p.poll() for p in procs]
-      failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-      if failed:
-        i, c = failed[0]
-        code = c if c > 0 else 128 - c          # killed by signal n: 128 + n, like a shell
-        _say(f"p{i} exited with {c}; stopping the others")
+      for i, c in enumerate(codes):
+        if c not in (None, 0) and i not in reported:
+          reported.add(i)
+          code = code or (c if c > 0 else 128 - c)   # killed by signal n: 128 + n, like a shell
+          _say(f"p{i} exited with {c}" + ("; stopping the others" if stop_all_on_failure else ""))
+      if reported and stop_all_on_failure:
         break
-      if all(c == 0 for c in codes):
+      if all(c is not None for c in codes):
         break
       if time.monotonic() > deadline:
         _say(f"timeout after {timeout_s:g}s; stopping every process")
@@ -157,7 +164,8 @@ def run(command: list[str], num_processes: int, devices_per_process: int, *, por
 def main(argv):
   sys.exit(run(argv[1:], FLAGS.num_processes, FLAGS.devices_per_process, port=FLAGS.port,
                timeout_s=FLAGS.timeout_s, grace_s=FLAGS.grace_s,
-               heartbeat_s=FLAGS.heartbeat_timeout_s))
+               heartbeat_s=FLAGS.heartbeat_timeout_s,
+               stop_all_on_failure=FLAGS.stop_all_on_failure))
 
 
 if __name__ == "__main__":

@@ -330,3 +330,36 @@ def test_two_process_evaluation_equals_one(runs, mode):
   assert _suite_numbers(one) == _suite_numbers(two)     # every metric, bit for bit
   meta = json.load(open(os.path.join(two, "results.json")))["meta"]
   assert meta["mode"] == mode and meta["step"] == STEPS
+
+
+def test_sigkill_of_one_process_fails_the_other_and_the_relaunch_resumes(runs):
+  # No launcher help here (--nostop_all_on_failure): process 0 must notice by itself that
+  # process 1 is gone (a failed collective or the missing heartbeat) and exit non-zero.
+  root, data, cache = runs["root"], runs["data"], runs["cache"]
+  work, steps = str(root / "sigkill"), 12
+  cmd = _train_cmd(work, data, f"--config.train.num_steps={steps}")
+  job = Job(cmd, _env(cache), str(root / "sigkill.log"),
+            extra=("--nostop_all_on_failure", "--heartbeat_timeout_s=10"))
+  try:
+    deadline = time.time() + RUN_TIMEOUT
+    while time.time() < deadline and job.proc.poll() is None and max(_losses(work), default=0) < 3:
+      time.sleep(0.05)
+    assert job.proc.poll() is None, job.output()[-4000:]
+    os.kill(job.pids()[1], signal.SIGKILL)
+    killed = time.monotonic()
+    code = job.wait(timeout=300)
+    waited = time.monotonic() - killed
+  finally:
+    job.stop()
+  out = job.output()
+  assert code == 128 + signal.SIGKILL, out[-4000:]
+  p0 = re.search(r"\[launch\] p0 exited with (-?\d+)", out)
+  assert p0 and int(p0.group(1)) != 0, out[-4000:]      # failed by itself, never hung
+  assert waited < 200, waited
+  assert "timeout after" not in out
+  saved = sorted(int(s) for s in os.listdir(os.path.join(work, "checkpoints")) if s.isdigit())
+  assert saved and saved[-1] >= 2, saved
+  out = _run_job(cmd, _env(cache), str(root / "sigkill2.log"))
+  resumed = re.search(r"resumed from \S+ at step (\d+)", out)
+  assert resumed and int(resumed.group(1)) >= 2, out[-3000:]
+  assert sorted(_losses(work)) == list(range(1, steps + 1))

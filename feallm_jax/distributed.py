@@ -149,3 +149,25 @@ def any_process(flag: bool) -> bool:
   import numpy as np
   from jax.experimental import multihost_utils
   return bool(np.max(multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))))
+
+
+_barriers = {"count": 0}
+
+
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+  """Waits until every process reaches this point, through the coordination service (no device
+  collective). On CPU, gloo gives a process 30 s to join a collective the others already
+  entered, so processes that drift apart (one compiles while the other hit the cache, a loaded
+  machine) meet here first, before the first collective of each phase. No-op in one process."""
+  import jax
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  _barriers["count"] += 1
+  key = f"feallm_jax/{name}/{_barriers['count']}"
+  if client is None:           # not started by jax.distributed (cannot happen with >1 process)
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(key)
+    return
+  client.wait_at_barrier(key, int(timeout_s * 1000))

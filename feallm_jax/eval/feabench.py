@@ -199,6 +199,7 @@ def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.Sam
     yield first
     yield from batches
 
+  distributed.barrier(f"eval {suite.name}")   # before the first collective of the suite
   for batch, metas in _progress(chain(), f"{suite.name} ({mode})",
                                 progress and jax.process_index() == 0):
     records: list[dict[str, Any]] = []

@@ -14,7 +14,8 @@ process gets ``JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>``, ``JAX_NUM_PROCES
   SIGKILL after ``--grace_s``) and the launcher exits with that code
   (``--nostop_all_on_failure``: the others are left to notice it themselves, as on a cluster);
   ``--timeout_s`` bounds the whole run the same way (exit 124). Each process leads its own
-  process group, so Grain workers and other children go with it: nothing is left running.
+  process group, so Grain workers and other children go with it, and dies with the launcher
+  (Linux ``PR_SET_PDEATHSIG``, even when the launcher is SIGKILLed): nothing is left running.
 * SIGTERM / SIGINT to the launcher is forwarded to every process (a preempted job: each one saves
   and exits 0), then the launcher waits for them like for a normal exit.
 """
@@ -62,6 +63,17 @@ def process_env(base: dict, index: int, count: int, port: int, devices: int,
   if heartbeat_s:
     env["FEALLM_HEARTBEAT_TIMEOUT_S"] = str(int(heartbeat_s))
   return env
+
+
+def _die_with_parent() -> None:
+  """In the child before exec (Linux): SIGKILL when the launcher dies, even by SIGKILL, so a
+  killed launcher leaves no process behind. Elsewhere a no-op."""
+  if sys.platform.startswith("linux"):
+    import ctypes
+    try:
+      ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except OSError:
+      pass
 
 
 def _say(msg: str) -> None:
@@ -127,7 +139,8 @@ def run(command: list[str], num_processes: int, devices_per_process: int, *, por
     for i in range(num_processes):
       env = process_env(os.environ, i, num_processes, port, devices_per_process, heartbeat_s)
       p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           stdin=subprocess.DEVNULL, start_new_session=True)
+                           stdin=subprocess.DEVNULL, start_new_session=True,
+                           preexec_fn=_die_with_parent)
       procs.append(p)
       _say(f"p{i} pid {p.pid}")
       t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] "), daemon=True)

@@ -353,9 +353,12 @@ def _run(config, workdir, trainer, state, start, data_iter, ckpt, logger) -> dic
         break
       local = next(data_iter)
       tokens_since += int(np.asarray(local["attention_mask"]).sum()) * jax.process_count()
-      if step == start:
-        distributed.barrier("first step")    # after restores and data start-up, before compiling
       batch = trainer.put_batch(local)
+      if step == start and jax.process_count() > 1:
+        # Compile first (one process may take much longer, e.g. a compile-cache miss), then
+        # meet: gloo gives a process only 30 s to join the step's first collective.
+        trainer.lower(batch).compile()
+        distributed.barrier("first step")
       state, metrics = trainer.step(state, batch)
       step += 1
       pending.append((step, metrics))

@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.local_clues = True                 # Local Clue Aggregator on/off
   m.projector = "multi_perspective"    # or "mlp" (LLaVA-1.5 two-layer MLP on F_L)
   m.projector_heads = 4
+  # Auxiliary emotion/AU label loss on the visual tokens (models/label_head.py): not in the paper
+  # (0 = its next-token loss alone); > 0 builds the head and adds weight x label loss.
+  m.label_loss_weight = 0.0
   m.lca = ml_collections.ConfigDict(dict(
       num_regions=16, crop_size=24, depth=3, width=48, norm="group", shared=True, num_heads=4))
   # Freeze policy (the paper's): frozen ViT, LoRA on the LLM, LCA + projector trained.

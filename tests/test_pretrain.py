@@ -306,6 +306,7 @@ def test_adapter_alignment_trains_only_the_adapter_and_stage1_starts_from_it(tin
   cfg.model.lca.update(crop_size=8, depth=1, width=16, num_heads=2)
   cfg.model.projector_heads = 2
   cfg.align.update(steps=4, batch_size=4, warmup=1, lr=1e-2)
+  cfg.model.label_loss_weight = 0.5     # the faces' own labels supervise the adapter too
   data = faces.render([1], 8, v["image_size"], workers=1, pairs=True)
   out = str(tmp_path / "adapter")
   rec = align.align_adapter(cfg, data, out, log_every=1)
@@ -319,6 +320,7 @@ def test_adapter_alignment_trains_only_the_adapter_and_stage1_starts_from_it(tin
   trained = rec["model"]
   a0, a1 = flat(start, align.adapter_filter()), flat(trained, align.adapter_filter())
   assert any(k.startswith("lca/") for k in a1) and any(k.startswith("projector/") for k in a1)
+  assert any(k.startswith("label_head/") for k in a1)
   # Every adapter module moved; the towers are exactly the base checkpoint's (frozen).
   assert {k.split("/")[0] for k in a1} == {
       k.split("/")[0] for k in a1 if not np.array_equal(a0[k], a1[k])}
@@ -332,6 +334,15 @@ def test_adapter_alignment_trains_only_the_adapter_and_stage1_starts_from_it(tin
   a2 = flat(loaded, align.adapter_filter())
   assert a2.keys() == a1.keys() and all(np.array_equal(a1[k], a2[k]) for k in a1)
   assert any("lora" in k for k in flat(loaded, nnx.Param)) and not any("lora" in k for k in a2)
+  # A stage 1 without the label head takes the LCA and projector and leaves the head behind.
+  headless = cfg.copy_and_resolve_references()
+  headless.model.label_loss_weight = 0.0
+  plain = feallm.build_model(headless, mesh, log=False)
+  with sharding.mesh_rules(mesh):
+    align.restore_into(out, plain, headless)
+  a3 = flat(plain, align.adapter_filter())
+  assert a3 and not any(k.startswith("label_head/") for k in a3)
+  assert all(np.array_equal(a1[k], a3[k]) for k in a3)
   # Refused, naming the flag, when the model or the base checkpoint differ.
   wider = cfg.copy_and_resolve_references()
   wider.model.lca.width = 32

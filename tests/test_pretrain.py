@@ -14,7 +14,7 @@ from configs import pretrain_tiny, tiny_synthetic
 from feallm_jax import sharding
 from feallm_jax.data import facs, instructions, synthetic, tokenizer as tok_lib
 from feallm_jax.models import feallm, layers, vision as vision_lib
-from feallm_jax.pretrain import SHIPPED_BASE, captions, clip, faces, lm, stage0
+from feallm_jax.pretrain import SHIPPED_ADAPTER, SHIPPED_BASE, captions, clip, faces, lm, stage0
 from feallm_jax.weights import base_checkpoint
 
 
@@ -251,6 +251,28 @@ def test_shipped_base_checkpoint_matches_its_recorded_config_and_fingerprint():
   assert t.model.base_checkpoint == SHIPPED_BASE
   assert t.model.vision.image_size == v["image_size"]
   assert t.model.llm.hidden_size == q["hidden_size"]
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHIPPED_ADAPTER, "adapter.json")),
+                    reason="no shipped adapter")
+def test_shipped_adapter_fits_the_quickstart_config_and_the_shipped_base():
+  from feallm_jax.pretrain import align
+  with open(os.path.join(SHIPPED_ADAPTER, "adapter.json")) as f:
+    rec = json.load(f)
+  t = tiny_synthetic.get_config()
+  assert t.model.init_adapter == SHIPPED_ADAPTER
+  assert rec["base_fingerprint"] == base_checkpoint.read_meta(SHIPPED_BASE)["fingerprint"]
+  # Made by the reproduce command: the quickstart config's own model settings and align block.
+  want = align.settings(t)
+  assert rec["model"] == want["model"] and rec["data"] == want["data"]
+  assert rec["align"] == json.loads(t.align.to_json())
+  assert rec["label_loss_weight"] == t.model.label_loss_weight
+  assert 0 not in rec["align"]["seeds"]           # never the instruction set's faces
+  # Its tensors are exactly the quickstart model's adapter (abstract build: nothing allocated).
+  model = feallm.abstract_model(feallm.spec_from_config(t), sharding.single_device_mesh())
+  shapes = {"/".join(map(str, p)): list(v.get_value().shape)
+            for p, v in nnx.to_flat_state(nnx.state(model, align.adapter_filter()))}
+  assert shapes == rec["shapes"]
 
 
 def test_minimal_pairs_differ_in_one_optional_au_of_the_same_person():

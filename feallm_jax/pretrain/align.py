@@ -136,6 +136,7 @@ def save(out_dir: str, model: feallm.FEALLM, config, extra: dict[str, Any]) -> N
   base = str(config.model.base_checkpoint)
   rec = dict(settings(config), base_fingerprint=base_checkpoint.read_meta(base)["fingerprint"],
              align=json.loads(config.align.to_json()),
+             label_loss_weight=float(config.model.get("label_loss_weight", 0.0)),
              shapes={k: list(np.shape(v)) for k, v in state.items()}, **extra)
   with open(os.path.join(out_dir, "adapter.json"), "w") as f:
     json.dump(rec, f, indent=1)

@@ -94,5 +94,6 @@ def test_label_loss_joins_the_lm_loss_and_trains_the_adapters_only(one_mesh):  #
   assert norms.get("llm", 0.0) == 0.0      # LoRA sits after the visual tokens: untouched
   assert "vision" not in norms
   # Unlabeled examples contribute nothing: all labels missing -> label loss 0.
-  batch.update(emotion=jnp.full((4,), -1, jnp.int32), au_present=jnp.full_like(batch["au_present"], -1))
+  batch.update(emotion=jnp.full((4,), -1, jnp.int32),
+               au_present=jnp.full_like(batch["au_present"], -1))
   assert float(feallm.loss_fn(model, batch)[1]["label_loss"]) == 0.0

@@ -19,6 +19,7 @@ def small_config(data_dir: str):
   """tiny_synthetic, shrunk further so a 2-core CPU compiles it quickly (LoRA mode)."""
   c = tiny.get_config()
   c.model.base_checkpoint = ""       # random towers of the dims below
+  c.model.init_adapter = ""
   c.data.update(builder_config="small", data_dir=data_dir, batch_size=8, augment=False,
                 max_len=96)
   m = c.model

@@ -146,10 +146,9 @@ class AdapterError(ValueError):
   """An adapter that does not fit the model being built (checked before any training)."""
 
 
-def restore_into(adapter_dir: str, model: feallm.FEALLM, config) -> None:
-  """Fills the model's adapter weights from `adapter_dir` (``model.init_adapter``); refuses an
-  adapter made for other settings or another base checkpoint, naming what differs."""
-  import orbax.checkpoint as ocp
+def check_adapter(adapter_dir: str, config) -> dict[str, Any]:
+  """The adapter record of `adapter_dir` when it fits `config` (its model settings and base
+  checkpoint); else :class:`AdapterError` naming what differs. Reads JSON only (pre-flight)."""
   from feallm_jax.weights import base_checkpoint
   path = os.path.join(adapter_dir, "adapter.json")
   if not os.path.isfile(path):
@@ -169,7 +168,17 @@ def restore_into(adapter_dir: str, model: feallm.FEALLM, config) -> None:
   if fp != rec["base_fingerprint"]:
     raise AdapterError(f"--config.model.init_adapter={adapter_dir} was aligned on base "
                        f"checkpoint {rec['base_fingerprint'][:16]}…, the config's "
-                       f"model.base_checkpoint is {fp[:16] or 'none'}")
+                       f"model.base_checkpoint is {fp[:16] or 'none'}; set "
+                       f"--config.model.init_adapter='' to start the LCA and projector fresh, or "
+                       f"align one on this base (python -m launch.align_adapter)")
+  return rec
+
+
+def restore_into(adapter_dir: str, model: feallm.FEALLM, config) -> None:
+  """Fills the model's adapter weights from `adapter_dir` (``model.init_adapter``); refuses an
+  adapter made for other settings or another base checkpoint, naming what differs."""
+  import orbax.checkpoint as ocp
+  rec = check_adapter(adapter_dir, config)
   ours = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model,
                                                                             adapter_filter()))}
   # The auxiliary label head (model.label_loss_weight) is optional on either side: it is

@@ -332,7 +332,6 @@ def test_adapter_for_another_model_or_base_is_refused_naming_the_flag(tmp_path):
   assert "model.local_clues" in msg and "model.projector" in msg
   assert "--config.model.init_adapter=''" in msg
   c.model.base_checkpoint = ""                # random towers: not what it was aligned on
-  c.model.init_adapter = ""
   msg = "\n".join(map(str, preflight.check_adapter(c)))
   assert "aligned on base checkpoint" in msg and "--config.model.init_adapter" in msg
   c.model.init_adapter = str(tmp_path / "nowhere")

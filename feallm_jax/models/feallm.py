@@ -193,8 +193,7 @@ class FEALLM(nnx.Module):
         param_dtype=train_dt if spec.train_llm == "full" else frozen_dt, remat=spec.remat,
         attention=spec.attention,
         rngs=rngs)
-    self.label_head = (label_head_lib.LabelHead(dl, local_token=spec.lca is not None,
-                                                dtype=compute, param_dtype=train_dt, rngs=rngs)
+    self.label_head = (label_head_lib.LabelHead(dl, dtype=compute, param_dtype=train_dt, rngs=rngs)
                        if spec.label_loss_weight > 0 else None)
 
   # -- vision side ------------------------------------------------------------------------------

@@ -35,15 +35,11 @@ NUM_LABELS = NUM_EMOTIONS + NUM_AUS   # logits: emotions (softmax), then AUs (in
 class LabelHead(nnx.Module):
   """``[B, N, D]`` visual tokens -> ``[B, NUM_LABELS]`` logits by per-label attention pooling."""
 
-  def __init__(self, width: int, *, local_token: bool = False, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, width: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
     self.dtype = dtype
     self.norm = layers.LayerNorm(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     init = nnx.initializers.normal(0.02)
-    # With local clues, F_local (the last token) also gets a direct per-label readout: through
-    # the pool alone it is 1 token of N and the LCA learns the faint AUs far slower (measured).
-    self.local_weights = (nnx.Param(init(rngs.params(), (NUM_LABELS, width), param_dtype),
-                                    out_sharding=(None, "proj_embed")) if local_token else None)
     self.queries = nnx.Param(init(rngs.params(), (NUM_LABELS, width), param_dtype),
                              out_sharding=(None, "proj_embed"))
     self.weights = nnx.Param(init(rngs.params(), (NUM_LABELS, width), param_dtype),
@@ -55,11 +51,8 @@ class LabelHead(nnx.Module):
     q = self.queries[...].astype(jnp.float32)
     scores = jnp.einsum("bnd,ld->bln", x, q) / jnp.sqrt(jnp.float32(x.shape[-1]))
     pooled = jnp.einsum("bln,bnd->bld", jax.nn.softmax(scores, axis=-1), x)
-    logits = (jnp.einsum("bld,ld->bl", pooled, self.weights[...].astype(jnp.float32))
-              + self.bias[...].astype(jnp.float32))
-    if self.local_weights is not None:
-      logits = logits + x[:, -1] @ self.local_weights[...].astype(jnp.float32).T
-    return logits
+    return (jnp.einsum("bld,ld->bl", pooled, self.weights[...].astype(jnp.float32))
+            + self.bias[...].astype(jnp.float32))
 
 
 def label_loss(logits: jax.Array, emotion: jax.Array, au_present: jax.Array,

@@ -78,6 +78,10 @@ def main(argv):
     meta = base_checkpoint.read_meta(base)
     print(f"[quickstart] stage 0: pretrained backbones from {base} (fingerprint "
           f"{meta['fingerprint'][:12]}…; reproduce with launch/pretrain_backbones.py)", flush=True)
+  adapter = config.model.get("init_adapter", "")
+  if adapter:
+    print(f"[quickstart] adapter alignment: LCA + projector start from {adapter} (reproduce with "
+          f"launch/align_adapter.py)", flush=True)
   from feallm_jax.train import train_and_evaluate
   from feallm_jax.eval import feabench, report
   with config.unlocked():

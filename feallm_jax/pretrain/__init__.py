@@ -5,3 +5,9 @@ import os
 # shipped with the package so the quickstart starts from pretrained backbones like a real run.
 SHIPPED_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "assets", "base_tiny")
+
+# The LCA + projector (+ label head) made by `launch/align_adapter.py` on SHIPPED_BASE with the
+# quickstart config: stage 1 starts from it (`model.init_adapter`), as LLaVA's instruction tuning
+# starts from its released pretrained projector.
+SHIPPED_ADAPTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "assets", "adapter_tiny")

@@ -3,9 +3,11 @@
 Stage 1 of the paper's recipe on pretrained tiny backbones: the base checkpoint shipped in
 ``feallm_jax/assets/base_tiny`` (stage 0, made by ``launch/pretrain_backbones.py
 --config=configs/pretrain_tiny.py``: a CLIP-style ViT and a text-pretrained LLaMA-style LLM) is
-loaded like an imported CLIP + Vicuna pair. The vision tower is frozen; LoRA adapts the LLM; the
-Local Clue Aggregator and the Multi-perspective Projector train. Override anything from the
-command line, e.g. ``--config.model.local_clues=False --config.model.projector=mlp`` (ablation).
+loaded like an imported CLIP + Vicuna pair, and the LCA + projector start from the shipped aligned
+adapter (stage 0.5, ``launch/align_adapter.py``). The vision tower is frozen; LoRA adapts the LLM;
+the Local Clue Aggregator and the Multi-perspective Projector train. Override anything from the
+command line, e.g. ``--config.model.local_clues=False --config.model.projector=mlp
+--config.model.init_adapter=DIR`` (the ablation, with an adapter aligned for it).
 """
 
 import ml_collections

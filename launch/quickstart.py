@@ -1,8 +1,11 @@
 """`make quickstart`: build synthetic_fea, run stage 1 (FEALLM instruction tuning) on the shipped
-pretrained tiny backbones (stage 0), evaluate FEABench, print the tables and the floors.
+pretrained tiny backbones (stage 0) from the shipped aligned adapter (stage 0.5), evaluate
+FEABench, print the tables and the floors.
 
   python -m launch.quickstart --workdir=runs/quickstart
-  python -m launch.quickstart --workdir=runs/ablation \
+  python -m launch.align_adapter --out=runs/adapter_mlp \
+      --config.model.local_clues=False --config.model.projector=mlp       # the ablation's stage 0.5
+  python -m launch.quickstart --workdir=runs/ablation --config.model.init_adapter=runs/adapter_mlp \
       --config.model.local_clues=False --config.model.projector=mlp
   python -m launch.quickstart --workdir=runs/smoke --smoke      # the whole path in ~2 minutes
 

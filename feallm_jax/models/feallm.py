@@ -314,7 +314,8 @@ def expanded_length(config, text_len: int) -> int:
 # Loss.
 
 def loss_fn(model: FEALLM, batch: dict[str, jax.Array]):
-  """Next-token cross-entropy over assistant tokens, averaged per token over the whole batch."""
+  """Next-token cross-entropy over assistant tokens, averaged per token over the whole batch,
+  plus ``model.label_loss_weight`` x the label head's loss when the model has one."""
   out = model(batch)
   logits = out["logits"][:, :-1].astype(jnp.float32)
   targets = out["targets"][:, 1:]

@@ -37,7 +37,6 @@ class LabelHead(nnx.Module):
 
   def __init__(self, width: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                rngs: nnx.Rngs):
-    self.dtype = dtype
     self.norm = layers.LayerNorm(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     init = nnx.initializers.normal(0.02)
     self.queries = nnx.Param(init(rngs.params(), (NUM_LABELS, width), param_dtype),

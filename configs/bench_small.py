@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.llm.update(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_layers=8,
                num_heads=8, num_kv_heads=8, head_dim=64, max_position_embeddings=2048)
   m.multi_layers = (2, 4, 6)
+  m.init_adapter = ""            # the shipped adapter fits the tiny towers only
+  m.label_loss_weight = 0.0      # the paper's model and objective
   m.projector_heads = 8
   m.train_llm, m.train_vision = "full", False
   m.lora.update(rank=8, alpha=16.0, dropout=0.0)

@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
       rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
       max_position_embeddings=4096))
   m.base_checkpoint = ""      # REQUIRED: set this or both hf_path values (see docstring)
+  m.init_adapter = ""         # or a dir from launch/align_adapter.py on this base checkpoint
+  m.label_loss_weight = 0.0   # the paper's objective: the next-token loss alone
   m.feature_layer = -2
   m.multi_layers = (4, 8, 12, 16, 20, 24)
   m.projector_heads = 16

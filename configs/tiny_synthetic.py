@@ -3,14 +3,16 @@
 Stage 1 of the paper's recipe on pretrained tiny backbones: the base checkpoint shipped in
 ``feallm_jax/assets/base_tiny`` (stage 0, made by ``launch/pretrain_backbones.py
 --config=configs/pretrain_tiny.py``: a CLIP-style ViT and a text-pretrained LLaMA-style LLM) is
-loaded like an imported CLIP + Vicuna pair. The vision tower is frozen; LoRA adapts the LLM; the
-Local Clue Aggregator and the Multi-perspective Projector train. Override anything from the
-command line, e.g. ``--config.model.local_clues=False --config.model.projector=mlp`` (ablation).
+loaded like an imported CLIP + Vicuna pair, and the LCA + projector start from the shipped aligned
+adapter (stage 0.5, ``launch/align_adapter.py``). The vision tower is frozen; LoRA adapts the LLM;
+the Local Clue Aggregator and the Multi-perspective Projector train. Override anything from the
+command line, e.g. ``--config.model.local_clues=False --config.model.projector=mlp
+--config.model.init_adapter=DIR`` (the ablation, with an adapter aligned for it).
 """
 
 import ml_collections
 
-from feallm_jax.pretrain import SHIPPED_BASE
+from feallm_jax.pretrain import SHIPPED_ADAPTER, SHIPPED_BASE
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -35,13 +37,18 @@ def get_config() -> ml_collections.ConfigDict:
       rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=1024))
   # Orbax checkpoint in launch/import_hf.py's format ('' = none; backbones start random).
   m.base_checkpoint = SHIPPED_BASE
-  m.init_adapter = ""                  # LCA + projector from adapter alignment ('' = fresh)
+  # LCA + projector (+ label head) from adapter alignment ('' = fresh): the shipped one, made by
+  # `python -m launch.align_adapter --out=DIR` on the shipped base with this config.
+  m.init_adapter = SHIPPED_ADAPTER
   # FEALLM heads.
   m.feature_layer = -2                 # F_L: hidden state index (HF hidden_states order)
   m.multi_layers = (1, 2)              # F_s: hidden states concatenated along tokens
   m.local_clues = True                 # Local Clue Aggregator on/off
   m.projector = "multi_perspective"    # or "mlp" (LLaVA-1.5 two-layer MLP on F_L)
   m.projector_heads = 4
+  # Auxiliary emotion/AU label loss on the visual tokens (models/label_head.py): not in the paper
+  # (0 = its next-token loss alone); > 0 builds the head and adds weight x label loss.
+  m.label_loss_weight = 1.0
   m.lca = ml_collections.ConfigDict(dict(
       num_regions=16, crop_size=24, depth=3, width=48, norm="group", shared=True, num_heads=4))
   # Freeze policy (the paper's): frozen ViT, LoRA on the LLM, LCA + projector trained.

@@ -388,6 +388,20 @@ def check_model_spec(config) -> list[Problem]:
   return out
 
 
+def check_adapter(config) -> list[Problem]:
+  """``model.init_adapter`` fits the model settings and the base checkpoint (JSON only)."""
+  adapter = str(config.model.get("init_adapter", "") or "")
+  if not adapter:
+    return []
+  from feallm_jax.pretrain import align
+  try:
+    align.check_adapter(adapter, config)
+  except align.AdapterError as e:
+    return [Problem("adapter", str(e), "--config.model.init_adapter='' (LCA + projector start "
+                    "fresh), or one made for this model by python -m launch.align_adapter")]
+  return []
+
+
 def check_workdir_writable(workdir: str) -> list[Problem]:
   """The workdir exists as a writable directory or can be created (remote URLs are skipped)."""
   if "://" in str(workdir):
@@ -450,6 +464,8 @@ def run(config, workdir: str | None = None, *, train: bool = True):
   problems += check_mesh_and_batch(config) if train else []
   if not problems:   # the spec repeats the tokenizer/backbone errors: only on a clean slate
     problems += check_model_spec(resolved)
+  if train and not problems:   # compares with the base checkpoint: only once it resolved
+    problems += check_adapter(resolved)
   if workdir is not None:
     problems += check_workdir_writable(workdir)
   if train and not problems:   # reads and tokenizes examples: only once all else is sound

@@ -1,8 +1,11 @@
 """`make quickstart`: build synthetic_fea, run stage 1 (FEALLM instruction tuning) on the shipped
-pretrained tiny backbones (stage 0), evaluate FEABench, print the tables and the floors.
+pretrained tiny backbones (stage 0) from the shipped aligned adapter (stage 0.5), evaluate
+FEABench, print the tables and the floors.
 
   python -m launch.quickstart --workdir=runs/quickstart
-  python -m launch.quickstart --workdir=runs/ablation \
+  python -m launch.align_adapter --out=runs/adapter_mlp \
+      --config.model.local_clues=False --config.model.projector=mlp       # the ablation's stage 0.5
+  python -m launch.quickstart --workdir=runs/ablation --config.model.init_adapter=runs/adapter_mlp \
       --config.model.local_clues=False --config.model.projector=mlp
   python -m launch.quickstart --workdir=runs/smoke --smoke      # the whole path in ~2 minutes
 
@@ -78,6 +81,10 @@ def main(argv):
     meta = base_checkpoint.read_meta(base)
     print(f"[quickstart] stage 0: pretrained backbones from {base} (fingerprint "
           f"{meta['fingerprint'][:12]}…; reproduce with launch/pretrain_backbones.py)", flush=True)
+  adapter = config.model.get("init_adapter", "")
+  if adapter:
+    print(f"[quickstart] adapter alignment: LCA + projector start from {adapter} (reproduce with "
+          f"launch/align_adapter.py)", flush=True)
   from feallm_jax.train import train_and_evaluate
   from feallm_jax.eval import feabench, report
   with config.unlocked():

@@ -29,6 +29,7 @@ def tiny_train_flags(data_dir: str) -> list[str]:
           f"--config.data.data_dir={data_dir}", "--config.data.builder_config=small",
           "--config.data.batch_size=8", "--config.data.augment=False",
           "--config.data.max_len=96", "--config.model.base_checkpoint=",
+          "--config.model.init_adapter=",
           "--config.model.vision.hidden_size=64", "--config.model.vision.intermediate_size=128",
           "--config.model.vision.num_layers=2", "--config.model.vision.num_heads=2",
           "--config.model.llm.hidden_size=64", "--config.model.llm.intermediate_size=128",

@@ -254,6 +254,7 @@ def test_text_only_rows_train(tmp_path):
   fx.make_llava_mix(str(data))
   c = tiny_synthetic.get_config()
   c.model.base_checkpoint = ""
+  c.model.init_adapter = ""
   c.data.data_dir = str(tmp_path / "tfds")
   c.data.dataset, c.data.builder_config = "llava_instruct", ""
   c.data.batch_size = 8

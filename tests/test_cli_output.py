@@ -37,7 +37,7 @@ def _train(workdir, data_dir, cache, *extra):
          f"--workdir={workdir}", f"--compile_cache={cache}",
          f"--config.data.data_dir={data_dir}", "--config.data.builder_config=small",
          "--config.data.batch_size=8", "--config.data.augment=False",
-         "--config.model.base_checkpoint=",
+         "--config.model.base_checkpoint=", "--config.model.init_adapter=",
          "--config.model.vision.hidden_size=64", "--config.model.vision.intermediate_size=128",
          "--config.model.vision.num_layers=2", "--config.model.vision.num_heads=2",
          "--config.model.llm.hidden_size=64", "--config.model.llm.intermediate_size=128",

@@ -21,6 +21,7 @@ import tiny_synthetic
 def get_config():
   c = tiny_synthetic.get_config()
   c.model.base_checkpoint = ""      # random tiny towers of the dims below
+  c.model.init_adapter = ""
   c.data.data_dir = {data_dir!r}
   c.data.builder_config = "small"
   c.data.batch_size = 8

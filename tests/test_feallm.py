@@ -98,6 +98,7 @@ def test_real_size_shapes_allocate_nothing(devices):
 def test_tiny_config_spec_from_tokenizer(devices):
   c = tiny_synthetic.get_config()
   c.model.base_checkpoint = ""
+  c.model.init_adapter = ""
   spec = feallm.spec_from_config(c)
   from feallm_jax.data import tokenizer as tok_lib
   tok = tok_lib.load("")
@@ -116,6 +117,7 @@ def test_tiny_config_spec_from_tokenizer(devices):
     feallm.spec_from_config(c)
   c = tiny_synthetic.get_config()
   c.model.base_checkpoint = ""
+  c.model.init_adapter = ""
   c.model.train_llm = "partial"
   with pytest.raises(ValueError, match="model.train_llm"):
     feallm.spec_from_config(c)

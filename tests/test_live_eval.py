@@ -17,6 +17,7 @@ from feallm_jax.weights import base_checkpoint
 def _config(data_dir: str):
   c = tiny.get_config()
   c.model.base_checkpoint = ""
+  c.model.init_adapter = ""
   c.data.update(data_dir=data_dir, builder_config="small", batch_size=8, augment=False,
                 max_len=48)
   m = c.model

@@ -40,6 +40,10 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   assert os.path.isfile(tmp_path / "nb" / "base" / "stage0.json")
   assert "[stage0] vision (CLIP) 3/3" in "".join(
       o.get("text", "") for o in outputs_of("stage0.pretrain_backbones"))
+  # ... and adapter alignment ran on them, and stage 1 started from its output.
+  assert os.path.isfile(tmp_path / "nb" / "adapter" / "adapter.json")
+  assert "adapter (alignment) 3/3" in "".join(
+      o.get("text", "") for o in outputs_of("align.align_adapter"))
 
 
 def test_notebook_install_cell_names_what_is_missing(tmp_path, monkeypatch):

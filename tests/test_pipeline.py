@@ -29,6 +29,7 @@ def _clip_processor(size):
 def cfg(tmp_path_factory):
   c = tiny_synthetic.get_config()
   c.model.base_checkpoint = ""
+  c.model.init_adapter = ""
   c.data.data_dir = str(tmp_path_factory.mktemp("data"))
   c.data.builder_config = "small"
   c.data.batch_size = 8

@@ -9,6 +9,7 @@ no traceback, is ``test_unfit.test_train_cli_refuses_naming_the_flag``.)
 """
 import glob
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -34,6 +35,7 @@ import import_hf  # noqa: E402
 def _config(tmp_path, **data):
   c = tiny.get_config()
   c.model.base_checkpoint = ""
+  c.model.init_adapter = ""
   c.data.update(data_dir=str(tmp_path / "data"), builder_config="small", batch_size=8,
                 **data)
   c.eval.suites = ("synthetic_fea",)
@@ -308,3 +310,29 @@ def test_unset_tower_field_without_a_checkpoint(tmp_path):
   msg = _problems(preflight.run, c)
   assert "model.vision.patch_size is unset" in msg and "--config.model.vision.patch_size" in msg
   assert "ZeroDivision" not in msg
+
+
+# -- adapter vs model and base -----------------------------------------------------------------------
+
+def test_adapter_for_another_model_or_base_is_refused_naming_the_flag(tmp_path):
+  from feallm_jax.pretrain import SHIPPED_BASE, align
+  from feallm_jax.weights import base_checkpoint
+  c = tiny.get_config()                       # the shipped base checkpoint
+  c.model.base_checkpoint = SHIPPED_BASE
+  adapter = tmp_path / "adapter"
+  adapter.mkdir()
+  rec = dict(align.settings(c),
+             base_fingerprint=base_checkpoint.read_meta(SHIPPED_BASE)["fingerprint"])
+  (adapter / "adapter.json").write_text(json.dumps(rec))
+  c.model.init_adapter = str(adapter)
+  assert preflight.check_adapter(c) == []
+  other = c.copy_and_resolve_references()
+  other.model.update(local_clues=False, projector="mlp")
+  msg = "\n".join(map(str, preflight.check_adapter(other)))
+  assert "model.local_clues" in msg and "model.projector" in msg
+  assert "--config.model.init_adapter=''" in msg
+  c.model.base_checkpoint = ""                # random towers: not what it was aligned on
+  msg = "\n".join(map(str, preflight.check_adapter(c)))
+  assert "aligned on base checkpoint" in msg and "--config.model.init_adapter" in msg
+  c.model.init_adapter = str(tmp_path / "nowhere")
+  assert "no adapter.json" in str(preflight.check_adapter(c)[0])

@@ -14,7 +14,7 @@ from configs import pretrain_tiny, tiny_synthetic
 from feallm_jax import sharding
 from feallm_jax.data import facs, instructions, synthetic, tokenizer as tok_lib
 from feallm_jax.models import feallm, layers, vision as vision_lib
-from feallm_jax.pretrain import SHIPPED_BASE, captions, clip, faces, lm, stage0
+from feallm_jax.pretrain import SHIPPED_ADAPTER, SHIPPED_BASE, captions, clip, faces, lm, stage0
 from feallm_jax.weights import base_checkpoint
 
 
@@ -253,6 +253,28 @@ def test_shipped_base_checkpoint_matches_its_recorded_config_and_fingerprint():
   assert t.model.llm.hidden_size == q["hidden_size"]
 
 
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHIPPED_ADAPTER, "adapter.json")),
+                    reason="no shipped adapter")
+def test_shipped_adapter_fits_the_quickstart_config_and_the_shipped_base():
+  from feallm_jax.pretrain import align
+  with open(os.path.join(SHIPPED_ADAPTER, "adapter.json")) as f:
+    rec = json.load(f)
+  t = tiny_synthetic.get_config()
+  assert t.model.init_adapter == SHIPPED_ADAPTER
+  assert rec["base_fingerprint"] == base_checkpoint.read_meta(SHIPPED_BASE)["fingerprint"]
+  # Made by the reproduce command: the quickstart config's own model settings and align block.
+  want = align.settings(t)
+  assert rec["model"] == want["model"] and rec["data"] == want["data"]
+  assert rec["align"] == json.loads(t.align.to_json())
+  assert rec["label_loss_weight"] == t.model.label_loss_weight
+  assert 0 not in rec["align"]["seeds"]           # never the instruction set's faces
+  # Its tensors are exactly the quickstart model's adapter (abstract build: nothing allocated).
+  model = feallm.abstract_model(feallm.spec_from_config(t), sharding.single_device_mesh())
+  shapes = {"/".join(map(str, p)): list(v.get_value().shape)
+            for p, v in nnx.to_flat_state(nnx.state(model, align.adapter_filter()))}
+  assert shapes == rec["shapes"]
+
+
 def test_minimal_pairs_differ_in_one_optional_au_of_the_same_person():
   d = faces.render([3], 24, 64, workers=1, pairs=True)
   assert len(d["emotion"]) == 48
@@ -306,6 +328,7 @@ def test_adapter_alignment_trains_only_the_adapter_and_stage1_starts_from_it(tin
   cfg.model.lca.update(crop_size=8, depth=1, width=16, num_heads=2)
   cfg.model.projector_heads = 2
   cfg.align.update(steps=4, batch_size=4, warmup=1, lr=1e-2)
+  cfg.model.label_loss_weight = 0.5     # the faces' own labels supervise the adapter too
   data = faces.render([1], 8, v["image_size"], workers=1, pairs=True)
   out = str(tmp_path / "adapter")
   rec = align.align_adapter(cfg, data, out, log_every=1)
@@ -319,6 +342,7 @@ def test_adapter_alignment_trains_only_the_adapter_and_stage1_starts_from_it(tin
   trained = rec["model"]
   a0, a1 = flat(start, align.adapter_filter()), flat(trained, align.adapter_filter())
   assert any(k.startswith("lca/") for k in a1) and any(k.startswith("projector/") for k in a1)
+  assert any(k.startswith("label_head/") for k in a1)
   # Every adapter module moved; the towers are exactly the base checkpoint's (frozen).
   assert {k.split("/")[0] for k in a1} == {
       k.split("/")[0] for k in a1 if not np.array_equal(a0[k], a1[k])}
@@ -332,6 +356,15 @@ def test_adapter_alignment_trains_only_the_adapter_and_stage1_starts_from_it(tin
   a2 = flat(loaded, align.adapter_filter())
   assert a2.keys() == a1.keys() and all(np.array_equal(a1[k], a2[k]) for k in a1)
   assert any("lora" in k for k in flat(loaded, nnx.Param)) and not any("lora" in k for k in a2)
+  # A stage 1 without the label head takes the LCA and projector and leaves the head behind.
+  headless = cfg.copy_and_resolve_references()
+  headless.model.label_loss_weight = 0.0
+  plain = feallm.build_model(headless, mesh, log=False)
+  with sharding.mesh_rules(mesh):
+    align.restore_into(out, plain, headless)
+  a3 = flat(plain, align.adapter_filter())
+  assert a3 and not any(k.startswith("label_head/") for k in a3)
+  assert all(np.array_equal(a1[k], a3[k]) for k in a3)
   # Refused, naming the flag, when the model or the base checkpoint differ.
   wider = cfg.copy_and_resolve_references()
   wider.model.lca.width = 32

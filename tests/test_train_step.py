@@ -19,6 +19,7 @@ def small_config(data_dir: str):
   """tiny_synthetic, shrunk further so a 2-core CPU compiles it quickly (LoRA mode)."""
   c = tiny.get_config()
   c.model.base_checkpoint = ""       # random towers of the dims below
+  c.model.init_adapter = ""
   c.data.update(builder_config="small", data_dir=data_dir, batch_size=8, augment=False,
                 max_len=96)
   m = c.model
@@ -28,6 +29,7 @@ def small_config(data_dir: str):
                num_kv_heads=1, head_dim=32)
   m.multi_layers = (1, 2)
   m.projector, m.local_clues = "mlp", False
+  m.label_loss_weight = 0.3          # the step's loss has parts: accumulation must keep them exact
   m.train_llm, m.train_vision = "lora", False
   m.lora.update(rank=4, alpha=8.0, dropout=0.0)
   c.optim.update(lr_lora=1e-2, lr_proj=1e-2, lr_base=1e-2, warmup_frac=0.0)
@@ -73,6 +75,10 @@ def test_accumulation_equals_large_batch_and_frozen_weights_untouched(setup):
     s1, m1 = one.step(s1, one.put_batch(b))
     s2, m2 = two.step(s2, two.put_batch(b))
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=2e-5)
+    for part in ("lm_loss", "label_loss", "emotion_loss", "au_loss", "accuracy"):
+      np.testing.assert_allclose(float(m1[part]), float(m2[part]), rtol=2e-5, err_msg=part)
+    np.testing.assert_allclose(float(m1["loss"]),
+                               float(m1["lm_loss"]) + 0.3 * float(m1["label_loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-4)
     assert float(m1["tokens"]) == float(m2["tokens"]) > 0
   p1, p2 = _params(s1), _params(s2)

@@ -28,6 +28,7 @@ N_TRAIN = 24
 def _tiny_model(c):
   """Towers small enough for a loaded 2-core CPU (the numbers matter, not the quality)."""
   c.model.base_checkpoint = ""
+  c.model.init_adapter = ""
   c.model.vision.update(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                         num_layers=2, num_heads=2)
   c.model.llm.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
@@ -228,6 +229,7 @@ def test_train_cli_refuses_naming_the_flag(bpe, tmp_path):
        f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.builder_config=small",
        f"--config.data.tokenizer={bpe}", "--config.data.max_len=96",
        "--config.data.batch_size=8", "--config.model.base_checkpoint=",
+       "--config.model.init_adapter=",
        "--config.train.progress=False"],
       capture_output=True, text=True, timeout=900,             # a loaded 2-core CPU
       env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
@@ -270,7 +272,7 @@ def test_length_report_and_build_dataset_cli(planted, tmp_path):
        f"--manual_dir={planted['root'] / 'raw'}", f"--train_config={cfg_path}",
        f"--train_config.data.tokenizer={c.data.tokenizer}",
        f"--train_config.data.max_len={c.data.max_len}",
-       "--train_config.model.base_checkpoint=",
+       "--train_config.model.base_checkpoint=", "--train_config.model.init_adapter=",
        "--train_config.model.vision.image_size=32", "--train_config.model.vision.patch_size=8",
        "--train_config.model.local_clues=False"],
       capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))

@@ -27,6 +27,7 @@ from feallm_jax.models import attention_kernels, layers
 from feallm_jax.models import llm as llm_lib
 from feallm_jax.models import local_clues as lca_lib
 from feallm_jax.models import lora as lora_lib
+from feallm_jax.models import label_head as label_head_lib
 from feallm_jax.models import projector as proj_lib
 from feallm_jax.models import vision as vision_lib
 
@@ -53,6 +54,8 @@ class FEALLMSpec:
   compute_dtype: str = "float32"
   remat: bool = False
   attention: str = "xla"     # LLM causal attention: xla | splash | cudnn | auto (attention_kernels)
+  # Auxiliary label loss on the visual tokens (models/label_head.py); 0 = none, the paper's.
+  label_loss_weight: float = 0.0
 
   def __post_init__(self):
     n_hidden = self.vision.num_layers + 1
@@ -74,6 +77,8 @@ class FEALLMSpec:
     if self.projector == "multi_perspective" and (not self.multi_layers or bad):
       raise ValueError(f"model.multi_layers={self.multi_layers}: need at least one index in "
                        f"[{-n_hidden}, {n_hidden}) (vision hidden states)")
+    if not self.label_loss_weight >= 0.0:
+      raise ValueError(f"model.label_loss_weight must be >= 0, got {self.label_loss_weight}")
     if self.projector == "multi_perspective" and self.vision.hidden_size % self.projector_heads:
       raise ValueError(f"model.projector_heads={self.projector_heads} does not divide the "
                        f"vision width {self.vision.hidden_size}")
@@ -153,7 +158,8 @@ def spec_from_config(config) -> FEALLMSpec:
       lora=lora_cfg, param_dtype=str(m.get("param_dtype", "float32")),
       frozen_dtype=str(m.get("frozen_dtype", "float32")),
       compute_dtype=str(m.get("compute_dtype", "float32")), remat=bool(m.get("remat", False)),
-      attention=str(m.get("attention", "xla")))
+      attention=str(m.get("attention", "xla")),
+      label_loss_weight=float(m.get("label_loss_weight", 0.0)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +193,8 @@ class FEALLM(nnx.Module):
         param_dtype=train_dt if spec.train_llm == "full" else frozen_dt, remat=spec.remat,
         attention=spec.attention,
         rngs=rngs)
+    self.label_head = (label_head_lib.LabelHead(dl, dtype=compute, param_dtype=train_dt, rngs=rngs)
+                       if spec.label_loss_weight > 0 else None)
 
   # -- vision side ------------------------------------------------------------------------------
 
@@ -263,6 +271,8 @@ class FEALLM(nnx.Module):
                                                   {"targets": ids, "loss_mask": lm})
     logits = self.llm(inputs_embeds=embeds, positions=positions, attention_mask=mask)
     out = dict(logits=logits, mask=mask, positions=positions, **extra)
+    if self.label_head is not None:
+      out["label_logits"] = self.label_head(visual)
     if return_attention:
       out["attention"] = attn
     return out
@@ -304,7 +314,8 @@ def expanded_length(config, text_len: int) -> int:
 # Loss.
 
 def loss_fn(model: FEALLM, batch: dict[str, jax.Array]):
-  """Next-token cross-entropy over assistant tokens, averaged per token over the whole batch."""
+  """Next-token cross-entropy over assistant tokens, averaged per token over the whole batch,
+  plus ``model.label_loss_weight`` x the label head's loss when the model has one."""
   out = model(batch)
   logits = out["logits"][:, :-1].astype(jnp.float32)
   targets = out["targets"][:, 1:]
@@ -317,7 +328,15 @@ def loss_fn(model: FEALLM, batch: dict[str, jax.Array]):
   denom = jnp.maximum(tokens, 1.0)
   loss = ((logz - gold) * weights).sum() / denom
   accuracy = ((jnp.argmax(logits, -1) == targets) * weights).sum() / denom
-  return loss, dict(loss=loss, tokens=tokens, accuracy=accuracy)
+  metrics = dict(loss=loss, tokens=tokens, accuracy=accuracy)
+  weight = model.spec.label_loss_weight
+  if "label_logits" in out and "emotion" in batch and "au_present" in batch:
+    labels = label_head_lib.label_loss(out["label_logits"], batch["emotion"], batch["au_present"],
+                                       weights.sum(axis=1))
+    metrics.update(lm_loss=loss, **labels)
+    loss = loss + weight * labels["label_loss"]
+    metrics["loss"] = loss
+  return loss, metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +450,8 @@ def _tower(path, var) -> str:
     return "lora"
   if head == "llm":
     return "llm base"
-  return {"lca": "lca", "projector": "projector", "vision": "vision"}.get(head, head)
+  return {"lca": "lca", "projector": "projector", "vision": "vision",
+          "label_head": "label head"}.get(head, head)
 
 
 def parameter_counts(model: FEALLM, config_or_spec=None) -> dict[str, dict[str, int]]:

@@ -74,7 +74,7 @@ def _batches(config, records: list[dict], batch: int, seed: int, pair_fraction: 
   rng = np.random.default_rng([seed, 17])
   n = len(records)
   keys = ("image", "regions", "lca_image", "input_ids", "attention_mask", "loss_mask",
-          "example_mask")
+          "example_mask", "emotion", "au_present")
   pos = 0
   while True:
     idx = faces.batch_rows(rng, n, batch, pair_fraction)
@@ -136,6 +136,7 @@ def save(out_dir: str, model: feallm.FEALLM, config, extra: dict[str, Any]) -> N
   base = str(config.model.base_checkpoint)
   rec = dict(settings(config), base_fingerprint=base_checkpoint.read_meta(base)["fingerprint"],
              align=json.loads(config.align.to_json()),
+             label_loss_weight=float(config.model.get("label_loss_weight", 0.0)),
              shapes={k: list(np.shape(v)) for k, v in state.items()}, **extra)
   with open(os.path.join(out_dir, "adapter.json"), "w") as f:
     json.dump(rec, f, indent=1)
@@ -145,10 +146,9 @@ class AdapterError(ValueError):
   """An adapter that does not fit the model being built (checked before any training)."""
 
 
-def restore_into(adapter_dir: str, model: feallm.FEALLM, config) -> None:
-  """Fills the model's adapter weights from `adapter_dir` (``model.init_adapter``); refuses an
-  adapter made for other settings or another base checkpoint, naming what differs."""
-  import orbax.checkpoint as ocp
+def check_adapter(adapter_dir: str, config) -> dict[str, Any]:
+  """The adapter record of `adapter_dir` when it fits `config` (its model settings and base
+  checkpoint); else :class:`AdapterError` naming what differs. Reads JSON only (pre-flight)."""
   from feallm_jax.weights import base_checkpoint
   path = os.path.join(adapter_dir, "adapter.json")
   if not os.path.isfile(path):
@@ -168,15 +168,34 @@ def restore_into(adapter_dir: str, model: feallm.FEALLM, config) -> None:
   if fp != rec["base_fingerprint"]:
     raise AdapterError(f"--config.model.init_adapter={adapter_dir} was aligned on base "
                        f"checkpoint {rec['base_fingerprint'][:16]}…, the config's "
-                       f"model.base_checkpoint is {fp[:16] or 'none'}")
+                       f"model.base_checkpoint is {fp[:16] or 'none'}; set "
+                       f"--config.model.init_adapter='' to start the LCA and projector fresh, or "
+                       f"align one on this base (python -m launch.align_adapter)")
+  return rec
+
+
+def restore_into(adapter_dir: str, model: feallm.FEALLM, config) -> None:
+  """Fills the model's adapter weights from `adapter_dir` (``model.init_adapter``); refuses an
+  adapter made for other settings or another base checkpoint, naming what differs."""
+  import orbax.checkpoint as ocp
+  rec = check_adapter(adapter_dir, config)
   ours = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model,
                                                                             adapter_filter()))}
-  if sorted(ours) != sorted(rec["shapes"]) or any(
-      list(np.shape(ours[k].get_value())) != rec["shapes"][k] for k in ours):
+  # The auxiliary label head (model.label_loss_weight) is optional on either side: it is
+  # restored when both have it, else the model's own (fresh or absent) head is kept.
+  optional = lambda k: k.startswith("label_head/")  # noqa: E731
+  stored = {k: v for k, v in rec["shapes"].items() if not optional(k) or k in ours}
+  ours = {k: v for k, v in ours.items() if not optional(k) or k in stored}
+  if sorted(ours) != sorted(stored) or any(
+      list(np.shape(ours[k].get_value())) != stored[k] for k in ours):
     raise AdapterError(f"--config.model.init_adapter={adapter_dir}: its tensors do not match "
                        f"the model's ({len(rec['shapes'])} stored, {len(ours)} in the model)")
   target = {k: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
                                     sharding=v.get_value().sharding) for k, v in ours.items()}
+  # A stored head the model lacks is read and dropped (Orbax restores the whole tree).
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target.update({k: jax.ShapeDtypeStruct(tuple(s), np.float32, sharding=one)
+                 for k, s in rec["shapes"].items() if k not in target})
   restored = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(adapter_dir),
                                                              "adapter"), target)
   for k, v in ours.items():

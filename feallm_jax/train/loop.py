@@ -312,11 +312,14 @@ def _run(config, workdir, trainer, state, start, data_iter, ckpt, logger) -> dic
     host = _host([m for _, m in pending])
     elapsed = time.perf_counter() - t_log
     n = len(host)
-    rec = {k: float(np.mean([h[k] for h in host])) for k in ("loss", "accuracy", "grad_norm")}
+    # loss, accuracy, grad_norm, and the loss parts when the loss has several (lm_loss,
+    # label_loss, ...): the run's curves.
+    keys = [k for k in host[-1] if k in ("loss", "accuracy", "grad_norm") or k.endswith("_loss")]
+    rec = {k: float(np.mean([h[k] for h in host])) for k in keys}
     # Averages over finite steps only: one skipped NaN step must not poison the curve.
     finite = [h for h in host if bool(h["finite"])]
     if finite and len(finite) < n:
-      for k in ("loss", "accuracy", "grad_norm"):
+      for k in keys:
         rec[k] = float(np.mean([h[k] for h in finite]))
     for k in host[-1]:
       if k.startswith("lr_"):

@@ -229,27 +229,33 @@ class Trainer:
       return loss.astype(jnp.float32) * tokens, (metrics, new_rest, tokens)
     (loss_sum, (metrics, new_rest, tokens)), grads = jax.value_and_grad(fn, has_aux=True)(
         params, rest)
-    acc_sum = jnp.asarray(metrics.get("accuracy", 0.0), jnp.float32) * tokens
-    return grads, new_rest, loss_sum, acc_sum, tokens
+    # Token-weighted like the loss, so micro-batches average the same way (accuracy, and the
+    # loss parts a loss_fn reports beside it, e.g. lm_loss / label_loss).
+    sums = {k: jnp.asarray(v, jnp.float32) * tokens for k, v in metrics.items()
+            if k not in ("loss", "tokens")}
+    return grads, new_rest, loss_sum, sums, tokens
 
   def _train_step(self, state: TrainState, frozen, batch, horizon):
     k = self.accum_steps
     if k == 1:
-      grads, rest, loss_sum, acc_sum, tokens = self._loss_and_grad(state.params, frozen,
-                                                                   state.rest, batch)
+      grads, rest, loss_sum, sums, tokens = self._loss_and_grad(state.params, frozen,
+                                                                state.rest, batch)
     else:
       micro = _micro_batches(batch, k, self.mesh)
 
       def body(carry, mb):
-        g_acc, r, l_acc, a_acc, t_acc = carry
-        g, r, l, a, t = self._loss_and_grad(state.params, frozen, r, mb)
+        g_acc, r, l_acc, s_acc, t_acc = carry
+        g, r, l, s, t = self._loss_and_grad(state.params, frozen, r, mb)
         g_acc = jax.tree.map(lambda x, y: x + y.astype(x.dtype), g_acc, g)
-        return (g_acc, r, l_acc + l, a_acc + a, t_acc + t), None
+        return (g_acc, r, l_acc + l, jax.tree.map(jnp.add, s_acc, s), t_acc + t), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
       z = jnp.zeros((), jnp.float32)
-      (grads, rest, loss_sum, acc_sum, tokens), _ = jax.lax.scan(
-          body, (zeros, state.rest, z, z, z), micro)
+      sums0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), jax.eval_shape(
+          lambda: self._loss_and_grad(state.params, frozen, state.rest,
+                                      jax.tree.map(lambda x: x[0], micro))[3]))
+      (grads, rest, loss_sum, sums, tokens), _ = jax.lax.scan(
+          body, (zeros, state.rest, z, sums0, z), micro)
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     loss = loss_sum / denom
@@ -267,9 +273,11 @@ class Trainer:
         rest=rest,
         skipped=state.skipped + (~finite).astype(jnp.int32),
         bad_streak=jnp.where(finite, 0, state.bad_streak + 1).astype(jnp.int32))
-    metrics = dict(loss=loss, accuracy=acc_sum / denom, tokens=tokens, grad_norm=grad_norm,
+    parts = {k: v / denom for k, v in sums.items()}
+    parts.setdefault("accuracy", jnp.zeros((), jnp.float32))
+    metrics = dict(loss=loss, tokens=tokens, grad_norm=grad_norm,
                    finite=finite, skipped=new_state.skipped, bad_streak=new_state.bad_streak,
-                   **lrs)
+                   **parts, **lrs)
     return new_state, metrics
 
   def batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:

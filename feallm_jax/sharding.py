@@ -173,6 +173,32 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   return out
 
 
+def local_batch_rows(mesh: Mesh, global_rows: int) -> slice:
+  """The rows of a batch-sharded global array that hold this process's data (where
+  :func:`global_batch` / ``jax.make_array_from_process_local_data`` put them)."""
+  if jax.process_count() == 1:
+    return slice(0, global_rows)
+  idx = batch_sharding(mesh, 1).addressable_devices_indices_map((global_rows,))
+  starts = sorted({(i[0].start or 0) for i in idx.values()})
+  stops = sorted({(global_rows if i[0].stop is None else i[0].stop) for i in idx.values()})
+  rows = slice(starts[0], stops[-1])
+  if (rows.stop - rows.start) * jax.process_count() != global_rows:
+    raise ValueError(f"mesh {dict(mesh.shape)}: this process's devices do not hold one "
+                     f"contiguous block of the batch axis ({starts} .. {stops})")
+  return rows
+
+
+def process_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+  """This process's rows of a batch-major result (the inverse of :func:`global_batch`): the whole
+  value is gathered to every host, then the process's block is cut out."""
+  if x.is_fully_addressable:
+    full = np.asarray(x)
+  else:
+    from jax.experimental import multihost_utils
+    full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return full[local_batch_rows(mesh, full.shape[0])]
+
+
 def specs(model_or_state: Any) -> dict[str, P]:
   """Flat ``path -> PartitionSpec`` of the arrays actually placed on devices."""
   state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state

@@ -18,6 +18,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from feallm_jax import distributed as _distributed
+
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=False)
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
 flags.DEFINE_string("checkpoint", "", "Step, run workdir or checkpoints/<step> dir ('' = latest).")
@@ -29,6 +31,7 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_string("compile_cache", "", "JAX persistent compilation cache dir; 'off' disables "
                     "it ('' = $FEALLM_COMPILE_CACHE, else ~/.cache/feallm_jax/jax).")
 flags.mark_flags_as_required(["config", "workdir"])
+_distributed.define_flags()
 FLAGS = flags.FLAGS
 
 
@@ -38,9 +41,11 @@ def main(argv):
   from feallm_jax import compile_cache, console
   console.setup()   # --verbosity=0 shows every library's INFO lines
   config = FLAGS.config
-  import jax
-  if config.get("distributed", False):
-    jax.distributed.initialize()
+  try:   # before any other jax call touches the backends
+    _distributed.initialize(config, FLAGS)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   compile_cache.enable(FLAGS.compile_cache, config)
   if FLAGS.num_samples is not None:
     config.eval.num_samples = FLAGS.num_samples
@@ -53,7 +58,11 @@ def main(argv):
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  files = results["files"]
+  files = results.get("files")
+  if files is None:        # a multi-process job: process 0 writes and prints the results
+    import jax
+    print(f"process {jax.process_index()}: evaluated its share; process 0 wrote the results")
+    return
   from feallm_jax import paths
   print(paths.path(files["results_md"]).read_text())
   print(f"wrote {files['results_json']}")

@@ -17,11 +17,14 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from feallm_jax import distributed as _distributed
+
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
 flags.DEFINE_string("compile_cache", "", "JAX persistent compilation cache dir; 'off' disables "
                     "it ('' = $FEALLM_COMPILE_CACHE, else ~/.cache/feallm_jax/jax).")
 flags.mark_flags_as_required(["config", "workdir"])
+_distributed.define_flags()
 FLAGS = flags.FLAGS
 log = logging.getLogger("feallm_jax.launch.train")
 
@@ -33,8 +36,11 @@ def main(argv):
   console.setup()
   config = FLAGS.config
   import jax
-  if config.get("distributed", False):
-    jax.distributed.initialize()   # before any other jax call touches the backends
+  try:   # before any other jax call touches the backends
+    _distributed.initialize(config, FLAGS)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   cache = compile_cache.enable(FLAGS.compile_cache)
   log.info("JAX %s on %d process(es), %d %s device(s); compilation cache: %s", jax.__version__,
            jax.process_count(), jax.device_count(), jax.devices()[0].device_kind, cache or "off")

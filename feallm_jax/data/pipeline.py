@@ -17,6 +17,7 @@ import logging
 import math
 import sys
 import threading
+import time
 from typing import Any, Iterator, Sequence
 
 import cv2
@@ -71,14 +72,33 @@ def data_source(config, dataset: str | None = None, split: str = "train", *,
           f"dataset {name}/{cfg} is not built under {d.data_dir}: run "
           f"python launch/build_dataset.py --dataset={name} --data_dir={d.data_dir} "
           f"--manual_dir=<downloads>{f' --config={cfg}' if cfg else ''}")
-    log.info("building %s/%s under %s (first use)", name, cfg, d.data_dir)
-    builders.build(name, d.data_dir, config=cfg)
-    b = builders.make_builder(name, d.data_dir, config=cfg)
+    b = _build_synthetic(builders, name, d.data_dir, cfg)
   split = builders.resolve_split(name, split)   # bp4d/disfa: test_fold1 -> fold3, ...
   if decode_images:
     return b.as_data_source(split=split)
   import tensorflow_datasets as tfds
   return b.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def _build_synthetic(builders, name: str, data_dir: str, cfg, wait_s: float = 900.0):
+  """Builds the synthetic set on first use. In a multi-process job process 0 builds it and the
+  others wait for it to appear (a shared data_dir), instead of all writing the same files."""
+  pi, pc = _process()
+  if pi == 0:
+    log.info("building %s/%s under %s (first use)", name, cfg, data_dir)
+    builders.build(name, data_dir, config=cfg)
+    return builders.make_builder(name, data_dir, config=cfg)
+  log.info("waiting for process 0 to build %s/%s under %s", name, cfg, data_dir)
+  deadline = time.monotonic() + wait_s
+  while time.monotonic() < deadline:
+    time.sleep(1.0)
+    b = builders.make_builder(name, data_dir, config=cfg)
+    if b.is_prepared():
+      return b
+  raise FileNotFoundError(
+      f"process {pi} of {pc}: {name}/{cfg} did not appear under {data_dir} within {wait_s:g}s "
+      "(process 0 builds it; is data_dir shared by every host?). Build it once with python "
+      f"launch/build_dataset.py --dataset={name} --data_dir={data_dir}")
 
 
 def label_set(dataset: str) -> dict[str, Any]:
@@ -701,6 +721,33 @@ class TrainIterator(grain.DatasetIterator):
     drops = state.pop(self.STATE_KEY, None)   # absent in checkpoints written before it existed
     self._parent.set_state(state)
     self.drops = DropLog.from_state(drops)
+
+  @classmethod
+  def reshard_states(cls, states: Sequence[dict], process_index: int) -> dict:
+    """The state of process ``process_index`` of a job with a different process count, from
+    the states every process of the saving job wrote (in process order).
+
+    Grain's part of the state counts *global* batches (``ProcessRows`` gives every process one
+    block of each global batch), so it is the same in every process and valid for any count.
+    The drop counts are per process: the new process 0 takes their sum and the others start
+    from zero, so the run's total (what every process sums) is unchanged."""
+    grain_parts = [{k: v for k, v in st.items() if k != cls.STATE_KEY} for st in states]
+    if any(g != grain_parts[0] for g in grain_parts[1:]):
+      raise ValueError("the data iterator states of the saving processes differ (" +
+                       "; ".join(json.dumps(g, sort_keys=True)[:200] for g in grain_parts) +
+                       "): cannot restore them into a different process count")
+    merged = DropLog()
+    for st in states:
+      d = DropLog.from_state(st.get(cls.STATE_KEY))
+      merged.examples += d.examples
+      merged.unfilled += d.unfilled
+      merged.needed_len = max(merged.needed_len, d.needed_len)
+      for r, n in d.counts.items():
+        merged.counts[r] = merged.counts.get(r, 0) + n
+      for r, ids in d.ids.items():
+        listed = merged.ids.setdefault(r, [])
+        listed += [i for i in ids if i not in listed][:max(0, MAX_IDS - len(listed))]
+    return {**grain_parts[0], cls.STATE_KEY: (merged if process_index == 0 else DropLog()).state()}
 
   def __str__(self) -> str:
     return f"TrainIterator(split={self.split})"

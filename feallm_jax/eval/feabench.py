@@ -167,7 +167,11 @@ def _true_aus(au_present: Sequence[int], au_set: Sequence[int]) -> list[int] | N
 
 def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.SamplingConfig, *,
                   progress: bool = True, source=None) -> list[dict[str, Any]]:
-  """Per-sample predictions (one dict per real eval row) for one suite."""
+  """Per-sample predictions (one dict per real eval row) for one suite.
+
+  In a multi-process job every process reads, prepares and answers only its block of each
+  global batch (``pipeline.eval_batches``); the records are gathered afterwards, so every
+  process returns the whole suite in the order a single process gives."""
   from feallm_jax.data import pipeline
   labels = pipeline.label_set(suite.dataset)
   emotions, au_set = labels["emotions"], labels["aus"]
@@ -185,25 +189,37 @@ def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.Sam
     raise SuiteDataError(f"suite {suite.name}: {err}") from err
   if first is None:
     return []
-  records: list[dict[str, Any]] = []
+  import jax
+
+  from feallm_jax import distributed
+  multi = jax.process_count() > 1
+  per_batch: list[list[dict[str, Any]]] = []   # this process's records, batch by batch
 
   def chain():
     yield first
     yield from batches
 
-  for batch, metas in _progress(chain(), f"{suite.name} ({mode})", progress):
+  distributed.barrier(f"eval {suite.name}")   # before the first collective of the suite
+  for batch, metas in _progress(chain(), f"{suite.name} ({mode})",
+                                progress and jax.process_index() == 0):
+    records: list[dict[str, Any]] = []
+    per_batch.append(records)
     # Rows the model answers; a real row whose prompt could not be fitted (meta "unfit") is
     # recorded below as unanswerable: no prediction, so it counts as wrong.
     real = np.asarray(batch["example_mask"]).astype(bool)
     tasks = [m["task"] for m in metas]
     need_text = mode == "generate" or any(t in AU_TASKS or t is None
                                           for t, r in zip(tasks, real) if r)
+    need_scores = cand is not None and any(t in EMOTION_TASKS for t, r in zip(tasks, real) if r)
+    if multi:   # a computation runs on every process or on none (the global batch decides)
+      need_text, need_scores = (distributed.any_process(need_text),
+                                distributed.any_process(need_scores))
     texts = [None] * len(metas)
     if need_text:
       tokens, lengths = gen.generate(model, batch, sampling)
       texts = gen.decode_tokens(tok, tokens, lengths, sampling.eos_ids)
     scores = None
-    if cand is not None and any(t in EMOTION_TASKS for t, r in zip(tasks, real) if r):
+    if need_scores:
       scores = gen.score_candidates(model, batch, *cand,
                                     reduction=str(e.get("score_reduction", "sum")))
     for i, meta in enumerate(metas):
@@ -239,7 +255,12 @@ def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.Sam
         rec["text_aus"] = sorted(named) if named is not None else None
         rec["rouge_l"] = metrics.rouge_l(meta["reference"], text or "")["fmeasure"]
       records.append(rec)
-  return records
+  if not multi:
+    return [r for b in per_batch for r in b]
+  # Every process answered its block of each global batch: batch by batch, process by
+  # process is the order of the global rows (one process's order).
+  gathered = distributed.allgather_objects(per_batch)
+  return [r for k in range(len(per_batch)) for blocks in gathered for r in blocks[k]]
 
 
 def suite_metrics(records: Sequence[Mapping[str, Any]], suite: Suite, mode: str) -> dict:

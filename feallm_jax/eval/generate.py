@@ -11,7 +11,10 @@ sampling from a seed.
 Works on a bare ``llm.Decoder`` (text prompts) and on a FEALLM (anything with
 ``embed_inputs(image, regions, input_ids, attention_mask)`` and a ``llm`` decoder attribute).
 Inputs are placed batch-sharded over ``data x fsdp`` of the mesh; the batch is padded with
-empty rows to a multiple of that size and the padding is cut off again.
+empty rows to a multiple of that size and the padding is cut off again. In a multi-process job
+every process passes its own rows (its block of the global batch, as ``pipeline.eval_batches``
+yields them), every process runs the same program on the global batch, and each gets back the
+results of its own rows.
 
 Both run the model with dropout off (``layers.with_dropout``): LoRA dropout is for training only.
 
@@ -219,13 +222,23 @@ def _prepare(model, inputs: Mapping[str, Any], mesh: Mesh | None):
   arrays = {k: np.asarray(inputs[k]) for k in keys}
   b = arrays["input_ids"].shape[0]
   shards = sharding_lib.batch_shards(mesh) if mesh is not None else 1
+  pc = jax.process_count()
+  if pc > 1:          # ``inputs`` holds this process's rows only: pad them to its share
+    if mesh is None:
+      raise ValueError("generate: a multi-process run needs the model on a mesh")
+    if shards % pc:
+      raise ValueError(f"mesh {dict(mesh.shape)}: data x fsdp = {shards} does not split over "
+                       f"{pc} processes (set --config.mesh.data / fsdp)")
+    shards //= pc
   pad = (-b) % shards
   if pad:
     arrays = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in
               arrays.items()}
   arrays["input_ids"] = arrays["input_ids"].astype(np.int32)
   arrays["attention_mask"] = arrays["attention_mask"].astype(np.int32)
-  if mesh is not None:
+  if mesh is not None and pc > 1:
+    placed = sharding_lib.global_batch(arrays, mesh)
+  elif mesh is not None:
     placed = {k: jax.device_put(v, sharding_lib.batch_sharding(mesh, v.ndim))
               for k, v in arrays.items()}
   else:
@@ -262,7 +275,12 @@ def generate(model: nnx.Module, inputs: Mapping[str, Any], cfg: SamplingConfig,
       tokens, lengths = _generate_jit(*args, **kw)
   else:
     tokens, lengths = _generate_jit(*args, **kw)
-  return np.asarray(tokens)[:b], np.asarray(lengths)[:b]
+  return _rows(tokens, mesh)[:b], _rows(lengths, mesh)[:b]
+
+
+def _rows(x: jax.Array, mesh: Mesh | None) -> np.ndarray:
+  """The rows of a result that belong to this process's prompts (all rows in one process)."""
+  return np.asarray(x) if mesh is None else sharding_lib.process_rows(x, mesh)
 
 
 def decode_tokens(tokenizer, tokens: np.ndarray, lengths: np.ndarray,
@@ -352,7 +370,7 @@ def score_candidates(model: nnx.Module, inputs: Mapping[str, Any], cand_ids: np.
       sums = _score_jit(graphdef, state, placed, ids, m, mesh=mesh)
   else:
     sums = _score_jit(graphdef, state, placed, ids, m, mesh=None)
-  sums = np.asarray(sums, np.float64)[:b]
+  sums = _rows(sums, mesh).astype(np.float64)[:b]
   if reduction == "mean":
     sums = sums / np.asarray(cand_mask).sum(1)[None]
   z = sums - sums.max(1, keepdims=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -181,6 +182,23 @@ class _IteratorRestorer:
       self.iterator.start_prefetch()
 
 
+def _restore_resharded(iterator: Any, files: list, step: int) -> None:
+  """Sets ``iterator`` from the states another process count saved (``reshard_states`` of the
+  iterator's class: the pipeline knows which parts are global and which per process)."""
+  texts = [f.read_text() for f in files]
+  reshard = getattr(type(iterator), "reshard_states", None)
+  if reshard is None:
+    if any(t != texts[0] for t in texts[1:]):
+      raise ValueError(f"checkpoint {step}: {len(texts)} processes saved different data "
+                       f"iterator states and {type(iterator).__name__} cannot merge them for "
+                       f"{jax.process_count()} process(es); resume with {len(texts)}")
+    _IteratorRestorer(iterator).set_state(texts[0].encode())
+  else:
+    iterator.set_state(reshard([json.loads(t) for t in texts], jax.process_index()))
+  if hasattr(iterator, "start_prefetch"):
+    iterator.start_prefetch()
+
+
 def _iterator_restore_args(iterator: Any):
   if isinstance(iterator, grain_dataset.DatasetIterator):
     return grain_ckpt.CheckpointRestore(iterator)
@@ -305,10 +323,13 @@ class Checkpointer:
         meta = self.read_meta(s)
         self.check_compatible(meta, shapes_table(abstract_state.params))
         items = dict(state=_tree_restore(target))
-        if data_iterator is not None:
+        other = self._other_process_count_data(s) if data_iterator is not None else None
+        if data_iterator is not None and other is None:
           items["data"] = _iterator_restore_args(data_iterator)
         out = self.manager.restore(s, args=ocp.args.Composite(**items))
         restored = from_nested(out["state"], abstract_state)
+        if other is not None:
+          _restore_resharded(data_iterator, other, s)
       except CheckpointMismatchError:
         raise
       except Exception as e:  # noqa: BLE001 - fall back to an older checkpoint
@@ -324,6 +345,27 @@ class Checkpointer:
     raise RuntimeError(
         f"{self.directory}: no checkpoint could be restored; refusing to start over and "
         "overwrite them. Failures:\n  " + "\n  ".join(f"step {s}: {e}" for s, e in failures))
+
+  def _other_process_count_data(self, step: int) -> list | None:
+    """The iterator state files of ``step`` when another process count wrote them (e.g. 2
+    processes saved, 1 restores), in process order; None when this count wrote them."""
+    folder = self.directory / str(step) / "data"
+    pi, pc = jax.process_index(), jax.process_count()
+    if not folder.exists() or (folder / f"process_{pi}-of-{pc}.json").exists():
+      return None
+    found: dict[int, dict[int, Any]] = {}
+    for f in folder.iterdir():
+      m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", f.name)
+      if m:
+        found.setdefault(int(m.group(2)), {})[int(m.group(1))] = f
+    complete = {n: files for n, files in found.items() if sorted(files) == list(range(n))}
+    if len(complete) != 1:
+      raise ValueError(f"{folder}: no complete set of data iterator states for {pc} process(es) "
+                       f"or for any other count (found {sorted(f.name for f in folder.iterdir())})")
+    (n, files), = complete.items()
+    log.info("step %d: data iterator states written by %d process(es), restored into %d", step,
+             n, pc)
+    return [files[i] for i in range(n)]
 
   def _quarantine(self, step: int):
     """Moves a bad step out of the manager's way (kept for inspection, never deleted)."""

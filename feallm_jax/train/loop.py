@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from feallm_jax import paths, sharding
+from feallm_jax import distributed, paths, sharding
 from feallm_jax.train import checkpoint as ckpt_lib
 from feallm_jax.train import metrics_log
 from feallm_jax.train import step as step_lib
@@ -235,6 +235,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       align.restore_into(str(config.model.init_adapter), model, config)
   overview = feallm.parameter_overview(model, config)
   trainable = feallm.trainable_filter(config)
+  distributed.barrier("trainer")      # the processes meet before the first collective
   trainer = step_lib.Trainer(config, model, mesh, loss_fn=feallm.loss_fn, trainable=trainable)
   del model  # the train state holds its own copy of the trainable weights: free this one
   has_frozen = bool(jax.tree.leaves(trainer.frozen))
@@ -356,6 +357,11 @@ def _run(config, workdir, trainer, state, start, data_iter, ckpt, logger) -> dic
       local = next(data_iter)
       tokens_since += int(np.asarray(local["attention_mask"]).sum()) * jax.process_count()
       batch = trainer.put_batch(local)
+      if step == start and jax.process_count() > 1:
+        # Compile first (one process may take much longer, e.g. a compile-cache miss), then
+        # meet: gloo gives a process only 30 s to join the step's first collective.
+        trainer.lower(batch).compile()
+        distributed.barrier("first step")
       state, metrics = trainer.step(state, batch)
       step += 1
       pending.append((step, metrics))

@@ -74,6 +74,11 @@ def test_label_loss_joins_the_lm_loss_and_trains_the_adapters_only(one_mesh):  #
   loss, m = feallm.loss_fn(model, batch)
   np.testing.assert_allclose(float(loss), float(m["lm_loss"]) + 0.5 * float(m["label_loss"]),
                              rtol=1e-6)
+  # A batch without the labels is refused, never trained on with the LM loss alone.
+  for key in ("emotion", "au_present"):
+    unlabelled = {k: v for k, v in batch.items() if k != key}
+    with pytest.raises(ValueError, match=rf"lacks \['{key}'\].*label_loss_weight=0"):
+      feallm.loss_fn(model, unlabelled)
   # The head reads the tokens the LLM reads: its gradient reaches the LCA and the projector,
   # and the label head itself trains; the frozen towers get none.
   filt = feallm.trainable_filter(spec)

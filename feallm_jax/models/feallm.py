@@ -330,7 +330,12 @@ def loss_fn(model: FEALLM, batch: dict[str, jax.Array]):
   accuracy = ((jnp.argmax(logits, -1) == targets) * weights).sum() / denom
   metrics = dict(loss=loss, tokens=tokens, accuracy=accuracy)
   weight = model.spec.label_loss_weight
-  if "label_logits" in out and "emotion" in batch and "au_present" in batch:
+  if "label_logits" in out:
+    missing = [k for k in ("emotion", "au_present") if k not in batch]
+    if missing:   # silently training without the head's loss would change the objective
+      raise ValueError(f"loss: the model has a label head (model.label_loss_weight={weight}) but "
+                       f"the batch lacks {missing}; every data pipeline batch carries them (-1 = "
+                       "unlabelled), or set --config.model.label_loss_weight=0")
     labels = label_head_lib.label_loss(out["label_logits"], batch["emotion"], batch["au_present"],
                                        weights.sum(axis=1))
     metrics.update(lm_loss=loss, **labels)

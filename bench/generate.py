@@ -9,14 +9,16 @@ prompt is one <image> (expanded to the visual tokens) plus ``--prompt_len`` text
 
 Measured: wall time of a whole generate call (vision + prefill + decode) with ``--new`` tokens
 (t_new) and with 1 token (t_1, vision + prefill only), each after one warm-up call (so our
-compile time is excluded); the two kinds of call ALTERNATE, so load from other processes on a
-shared machine hits both alike, and each is the median of ``--runs`` calls. Decode tokens/s =
-batch * (new - 1) / (t_new - t_1); end-to-end tokens/s = batch * new / t_new. PyTorch side:
-``torch.inference_mode()``, ``torch.set_num_threads`` = the cores this process may run on
-(the same cores XLA uses), ``model.generate(..., do_sample=False, use_cache=True,
-min_new_tokens=max_new_tokens=new)`` with the default DynamicCache. No XLA flags are set.
-The 1-minute load average before/after each side is recorded: on a shared machine compare
-the two sides only from runs under similar load. Prints one JSON object.
+compile time is excluded). Every side (ours; HF PyTorch with all cores and with 1 thread) is
+built first, then the calls
+INTERLEAVE round by round (each round times every side's t_new and t_1), so load from other
+processes on a shared machine hits every side alike; each figure is the median of ``--runs``
+rounds. Decode tokens/s = batch * (new - 1) / (t_new - t_1); end-to-end tokens/s = batch * new /
+t_new. PyTorch side: ``torch.inference_mode()``, ``torch.set_num_threads`` = the cores this
+process may run on (the same cores XLA uses; set again before each of its calls),
+``model.generate(..., do_sample=False, use_cache=True, min_new_tokens=max_new_tokens=new)``
+with the default DynamicCache. No XLA flags are set. The 1-minute load average before/after
+the timed rounds is recorded: compare runs only under similar load. Prints one JSON object.
 """
 
 import json
@@ -39,6 +41,9 @@ flags.DEFINE_bool("torch_one_thread_too", True,
                   "PyTorch setting are reported too (decode_speedup_vs_best_torch).")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = the cores this process "
                      "may run on, i.e. os.sched_getaffinity).")
+flags.DEFINE_integer("membw_mib", 512, "MiB per array for the STREAM-style bandwidth measured "
+                     "first (bench/membw.py); the decode step's bytes are set against it "
+                     "(0 = skip).")
 FLAGS = flags.FLAGS
 
 # Dims of configs/bench_small.py, used when --config is not given.
@@ -85,17 +90,24 @@ def _loadavg() -> float | None:
     return None
 
 
-def _timed_pair(run, n, runs):
-  """Medians of alternating ``run(n)`` / ``run(1)`` calls after one warm-up of each."""
-  run(n)  # warm-up (compile for jax)
-  run(1)
-  times = {n: [], 1: []}
+def _timed(runners, n, runs):
+  """Medians of ``run(n)`` / ``run(1)`` calls for every runner, all interleaved: round r times
+  every runner's two calls before round r + 1 starts, so load from other processes hits every
+  side alike. One warm-up of each call first (compile excluded)."""
+  for run in runners.values():
+    run(n)
+    run(1)
+  times = {name: {n: [], 1: []} for name in runners}
+  load = [_loadavg()]
   for _ in range(runs):
-    for k in (n, 1):
-      t0 = time.perf_counter()
-      run(k)
-      times[k].append(time.perf_counter() - t0)
-  return statistics.median(times[n]), times[n], statistics.median(times[1]), times[1]
+    for name, run in runners.items():
+      for k in (n, 1):
+        t0 = time.perf_counter()
+        run(k)
+        times[name][k].append(time.perf_counter() - t0)
+  load.append(_loadavg())
+  return {name: (statistics.median(t[n]), t[n], statistics.median(t[1]), t[1], load)
+          for name, t in times.items()}
 
 
 def _result(backend, b, n, t_n, all_n, t_1, all_1, load):
@@ -106,7 +118,8 @@ def _result(backend, b, n, t_n, all_n, t_1, all_1, load):
               end_to_end_tokens_per_s=b * n / t_n, loadavg_1min_before_after=load)
 
 
-def bench_jax(c, b, t, n, runs):
+def jax_runner(c, b, t):
+  """``run(k)`` for our jitted generation at the config's dims, and its label."""
   import jax
   import numpy as np
   from feallm_jax import sharding
@@ -125,15 +138,12 @@ def bench_jax(c, b, t, n, runs):
   def run(k):
     tokens, _ = gen.generate(model, batch, gen.SamplingConfig(max_new_tokens=k))
     assert tokens.shape == (b, k)
-  load = [_loadavg()]
-  t_n, all_n, t_1, all_1 = _timed_pair(run, n, runs)
-  load.append(_loadavg())
-  return _result(f"jax {jax.__version__} ({jax.devices()[0].platform}, "
-                 f"{jax.device_count()} device(s), {_cores()} cores)", b, n, t_n, all_n, t_1,
-                 all_1, load)
+  return run, (f"jax {jax.__version__} ({jax.devices()[0].platform}, {jax.device_count()} "
+               f"device(s), {_cores()} cores)")
 
 
-def bench_torch(c, b, t, n, runs, threads):
+def torch_runner(c, b, t, threads):
+  """``run(k)`` for HF PyTorch LLaVA at the same dims, and its label."""
   import torch
   from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
   torch.set_num_threads(threads)
@@ -167,30 +177,58 @@ def bench_torch(c, b, t, n, runs, threads):
                            max_new_tokens=k, min_new_tokens=k, do_sample=False,
                            use_cache=True, pad_token_id=0, eos_token_id=None)
     assert out.shape[1] - ids.shape[1] == k, out.shape
-  load = [_loadavg()]
-  t_n, all_n, t_1, all_1 = _timed_pair(run, n, runs)
-  load.append(_loadavg())
   import transformers
-  return _result(f"torch {torch.__version__} CPU ({torch.get_num_threads()} threads), "
-                 f"transformers {transformers.__version__}, LlavaForConditionalGeneration.generate"
-                 " (DynamicCache)", b, n, t_n, all_n, t_1, all_1, load)
+  label = (f"torch {torch.__version__} CPU ({threads} threads), transformers "
+           f"{transformers.__version__}, LlavaForConditionalGeneration.generate (DynamicCache)")
+
+  def run_threads(k):
+    torch.set_num_threads(threads)   # the runners alternate: each sets its own thread count
+    run(k)
+  return run_threads, label
 
 
 def main(argv):
   del argv
   c = _config()
   b, t, n = FLAGS.batch, FLAGS.prompt_len, FLAGS.new
+  runners, labels = {}, {}
+  runners["ours"], labels["ours"] = jax_runner(c, b, t)
+  threads = FLAGS.torch_threads or _cores()
+  if FLAGS.torch:
+    runners["hf_torch"], labels["hf_torch"] = torch_runner(c, b, t, threads)
+    if FLAGS.torch_one_thread_too and threads != 1:
+      runners["hf_torch_1thread"], labels["hf_torch_1thread"] = torch_runner(c, b, t, 1)
+  try:
+    from bench import membw
+  except ImportError:   # run as a script: bench/ is sys.path[0]
+    import membw
+  bw = membw.measure(FLAGS.membw_mib, runs=5) if FLAGS.membw_mib else None
+  timed = _timed(runners, n, FLAGS.runs)
   out = dict(batch=b, prompt_text_tokens=t, visual_tokens=(
       int(c.model.vision.image_size) // int(c.model.vision.patch_size)) ** 2, new_tokens=n,
       runs=FLAGS.runs, method=(
-          "median wall time of generate(new) and generate(1) calls (alternating, after one "
-          "warm-up each, compile excluded); decode tokens/s = batch*(new-1)/(t_new - t_1); "
-          "end-to-end tokens/s = batch*new/t_new; greedy, float32, exactly new tokens"),
-      ours=bench_jax(c, b, t, n, FLAGS.runs))
+          "median wall time of generate(new) and generate(1) calls, every side's calls "
+          "interleaved round by round in this one process, after one warm-up each (compile "
+          "excluded); decode tokens/s = batch*(new-1)/(t_new - t_1); end-to-end tokens/s = "
+          "batch*new/t_new; greedy, float32, exactly new tokens"))
+  for name, (t_n, all_n, t_1, all_1, load) in timed.items():
+    out[name] = _result(labels[name], b, n, t_n, all_n, t_1, all_1, load)
+  if bw is not None:
+    prompt = (int(c.model.vision.image_size) // int(c.model.vision.patch_size)) ** 2 + t
+    # Ours attends over the fixed-size cache (prompt + new slots); HF's DynamicCache grows,
+    # on average prompt + new/2 slots.
+    nbytes = dict(weights=membw.llm_weight_bytes(c.model.llm),
+                  kv_ours=membw.kv_cache_bytes(c.model.llm, b, prompt + n),
+                  kv_hf_mean=membw.kv_cache_bytes(c.model.llm, b, prompt + n / 2),
+                  prompt_slots=prompt)
+    gbps = bw["best_gbps"]
+    floor = {k: 1000 * (nbytes["weights"] + nbytes[kv]) / (gbps * 1e9)
+             for k, kv in (("ours", "kv_ours"), ("hf_torch", "kv_hf_mean"))}
+    out["roofline"] = dict(
+        membw_best_gbps=gbps, membw=bw, step_bytes=nbytes,
+        ms_per_step_at_membw=floor,
+        fraction_of_membw={k: floor[k] / out[k]["ms_per_decode_step"] for k in floor if k in out})
   if FLAGS.torch:
-    out["hf_torch"] = bench_torch(c, b, t, n, FLAGS.runs, FLAGS.torch_threads or _cores())
-    if FLAGS.torch_one_thread_too and (FLAGS.torch_threads or _cores()) != 1:
-      out["hf_torch_1thread"] = bench_torch(c, b, t, n, FLAGS.runs, 1)
     out["decode_speedup"] = out["ours"]["decode_tokens_per_s"] / out["hf_torch"]["decode_tokens_per_s"]
     out["end_to_end_speedup"] = (out["ours"]["end_to_end_tokens_per_s"]
                                  / out["hf_torch"]["end_to_end_tokens_per_s"])

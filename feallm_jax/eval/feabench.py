@@ -455,11 +455,7 @@ def evaluate_model(model, config, suites: Sequence[str] | str | None = None,
   if writes:
     store.check_target(out_dir, store.identity(results))
   tok = tok_lib.load(config.data.get("tokenizer", ""))
-  e = config.eval
-  sampling = gen.SamplingConfig(
-      max_new_tokens=int(e.get("max_new_tokens", 48)),
-      temperature=float(e.get("temperature", 0.0)), top_p=float(e.get("top_p", 1.0)),
-      eos_ids=eos_ids(tok), pad_id=int(tok.pad_token_id), seed=int(config.get("seed", 0)))
+  sampling = sampling_config(config, tok)
   results["suites"] = {}
   predictions = {}
   for suite in chosen:
@@ -473,6 +469,15 @@ def evaluate_model(model, config, suites: Sequence[str] | str | None = None,
   if writes:
     results["files"], results["replaced"] = store.write_results(out_dir, results, predictions)
   return results
+
+
+def sampling_config(config, tok) -> gen.SamplingConfig:
+  """How an evaluation picks its answers' tokens (``config.eval``; stops at ``tok``'s EOS)."""
+  e = config.eval
+  return gen.SamplingConfig(
+      max_new_tokens=int(e.get("max_new_tokens", 48)),
+      temperature=float(e.get("temperature", 0.0)), top_p=float(e.get("top_p", 1.0)),
+      eos_ids=eos_ids(tok), pad_id=int(tok.pad_token_id), seed=int(config.get("seed", 0)))
 
 
 def _is_writer() -> bool:

@@ -244,18 +244,16 @@ class Trainer:
       micro = _micro_batches(batch, k, self.mesh)
 
       def body(carry, mb):
-        g_acc, r, l_acc, s_acc, t_acc = carry
+        g_acc, r, l_acc, t_acc = carry
         g, r, l, s, t = self._loss_and_grad(state.params, frozen, r, mb)
         g_acc = jax.tree.map(lambda x, y: x + y.astype(x.dtype), g_acc, g)
-        return (g_acc, r, l_acc + l, jax.tree.map(jnp.add, s_acc, s), t_acc + t), None
+        return (g_acc, r, l_acc + l, t_acc + t), s   # metric parts stacked, summed below
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
       z = jnp.zeros((), jnp.float32)
-      sums0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), jax.eval_shape(
-          lambda: self._loss_and_grad(state.params, frozen, state.rest,
-                                      jax.tree.map(lambda x: x[0], micro))[3]))
-      (grads, rest, loss_sum, sums, tokens), _ = jax.lax.scan(
-          body, (zeros, state.rest, z, sums0, z), micro)
+      (grads, rest, loss_sum, tokens), parts = jax.lax.scan(
+          body, (zeros, state.rest, z, z), micro)
+      sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), parts)
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     loss = loss_sum / denom

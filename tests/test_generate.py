@@ -75,6 +75,40 @@ def test_greedy_equals_full_forward_argmax_mixed_lengths(decoder):
   assert tokens.tolist() == _reference_greedy(decoder, PROMPTS, n)
 
 
+def test_trim_left_padding_drops_only_columns_padded_in_every_row():
+  ids = np.arange(2 * 70).reshape(2, 70).astype(np.int32)
+  mask = np.zeros((2, 70), np.int32)
+  mask[0, 60:] = 1            # 10 real tokens
+  mask[1, 45:] = 1            # 25 real tokens: the longest decides
+  t_ids, t_mask = gen.trim_left_padding(ids, mask, multiple=16)
+  assert t_ids.shape == t_mask.shape == (2, 32)        # 25 -> the next multiple of 16
+  np.testing.assert_array_equal(t_ids, ids[:, 38:])
+  assert t_mask.sum() == mask.sum()                     # no real token lost
+  assert gen.trim_left_padding(ids, mask, multiple=16, at_least=40)[0].shape == (2, 48)
+  assert gen.trim_left_padding(ids, mask, multiple=64)[0].shape == (2, 64)
+  assert gen.trim_left_padding(ids, mask, multiple=128)[0].shape == (2, 70)   # never widens
+  right = np.ones((2, 70), np.int32)
+  right[:, 50:] = 0                                      # right padding: nothing to drop
+  assert gen.trim_left_padding(ids, right, multiple=16)[0].shape == (2, 70)
+
+
+def test_extra_left_padding_is_trimmed_and_changes_nothing(decoder, mesh8):
+  batch = _left_pad(PROMPTS)
+  wide = {k: np.concatenate([np.zeros((len(PROMPTS), 70), np.int32), v], axis=1)
+          for k, v in batch.items()}                     # 77 columns, 70 padded in every row
+  placed, _ = gen._prepare(decoder, wide, mesh8)
+  assert placed["input_ids"].shape[1] == gen.PROMPT_BUCKET   # the prefill runs 32, not 77
+  cfg = gen.SamplingConfig(max_new_tokens=6)
+  tokens, _ = gen.generate(decoder, wide, cfg)
+  assert tokens.tolist() == gen.generate(decoder, batch, cfg)[0].tolist() == _reference_greedy(
+      decoder, PROMPTS, 6)
+  cands = np.array([[3, 4, 5], [9, 0, 0]], np.int32)
+  cmask = np.array([[1, 1, 1], [1, 0, 0]], np.int32)
+  np.testing.assert_allclose(gen.score_candidates(decoder, wide, cands, cmask).log_likelihood,
+                             gen.score_candidates(decoder, batch, cands, cmask).log_likelihood,
+                             atol=1e-5)
+
+
 def test_unsharded_single_device(devices):
   dec = _tiny_decoder(sharding.single_device_mesh(), seed=1, model_type="qwen2")
   tokens, _ = gen.generate(dec, _left_pad(PROMPTS[:2]), gen.SamplingConfig(max_new_tokens=5))

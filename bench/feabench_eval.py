@@ -9,9 +9,9 @@ includes compilation (``cold_seconds``; with the persistent compile cache off, s
 cold start), the others are timed warm (median, all listed). Each pass is split into the time
 inside ``generate.generate`` / ``generate.score_candidates`` (``model_seconds``: the compiled
 programs plus their per-call Python) and the rest (data pipeline, tokenizer, parsing). Also
-printed: prompts answered, new tokens generated, and ``answers_sha256``, a digest of every
-answer in order, so two code versions can be checked for identical greedy answers. Load
-average before/after. Prints one JSON object.
+printed: prompts answered and ``answers_sha256``, a digest of every answer sorted by (id, task)
+(independent of the order rows are batched in), so two code versions can be checked for
+identical greedy answers. Load average before/after. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def main(argv):
     records = feabench.predict_suite(model, config, suite, FLAGS.mode, tok, sampling,
                                      progress=False)
     wall = time.perf_counter() - t0
-    answers = json.dumps([(r["id"], r["task"], r.get("prediction"), r.get("emotion_pred"))
-                          for r in records])
+    answers = json.dumps(sorted((str(r["id"]), str(r["task"]), r.get("prediction"),
+                                 r.get("emotion_pred")) for r in records))
     d = hashlib.sha256(answers.encode()).hexdigest()
     if digest is not None and d != digest:
       raise AssertionError("answers changed between passes: generation is not deterministic")

@@ -1140,7 +1140,12 @@ def eval_batches(config, *, dataset: str | None = None, split: str = "test",
   pi = pi if process_index is None else process_index
   pc = pc if process_count is None else process_count
   src = data_source(config, dataset, split, decode_images=False) if source is None else source
-  rows = eval_rows(src, tasks, num_samples)
+  # Grouped by task (stable: record order within a task): a batch's generation runs until its
+  # longest answer ends, so a FER batch stops after a few tokens instead of decoding alongside
+  # 60-token reasoning answers. Every process orders alike.
+  order = {t: i for i, t in enumerate(tasks)}
+  rows = sorted(eval_rows(src, tasks, num_samples),
+                key=lambda r: order.get(r[1], len(order)))
   spec = _spec(config, len(src), train=False, seed=int(config.seed), tasks=tasks)
   ds = ProcessRows(_Rows(rows, B), B, pi, pc)
   ds = ds.map(EvalExample(spec, src, dataset)).batch(B // pc, batch_fn=_collate_eval)

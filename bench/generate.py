@@ -200,7 +200,7 @@ def main(argv):
       runners["hf_torch_1thread"], labels["hf_torch_1thread"] = torch_runner(c, b, t, 1)
   try:
     from bench import membw
-  except ImportError:   # run as a script: bench/ is sys.path[0]
+  except ImportError:   # run as a script (python bench/generate.py): membw is a sibling
     import membw
   bw = membw.measure(FLAGS.membw_mib, runs=5) if FLAGS.membw_mib else None
   timed = _timed(runners, n, FLAGS.runs)

@@ -204,8 +204,8 @@ def main(argv):
     import membw
   bw = membw.measure(FLAGS.membw_mib, runs=5) if FLAGS.membw_mib else None
   timed = _timed(runners, n, FLAGS.runs)
-  out = dict(batch=b, prompt_text_tokens=t, visual_tokens=(
-      int(c.model.vision.image_size) // int(c.model.vision.patch_size)) ** 2, new_tokens=n,
+  visual = (int(c.model.vision.image_size) // int(c.model.vision.patch_size)) ** 2
+  out = dict(batch=b, prompt_text_tokens=t, visual_tokens=visual, new_tokens=n,
       runs=FLAGS.runs, method=(
           "median wall time of generate(new) and generate(1) calls, every side's calls "
           "interleaved round by round in this one process, after one warm-up each (compile "
@@ -214,7 +214,7 @@ def main(argv):
   for name, (t_n, all_n, t_1, all_1, load) in timed.items():
     out[name] = _result(labels[name], b, n, t_n, all_n, t_1, all_1, load)
   if bw is not None:
-    prompt = (int(c.model.vision.image_size) // int(c.model.vision.patch_size)) ** 2 + t
+    prompt = visual + t
     # Ours attends over the fixed-size cache (prompt + new slots); HF's DynamicCache grows,
     # on average prompt + new/2 slots.
     nbytes = dict(weights=membw.llm_weight_bytes(c.model.llm),

@@ -227,10 +227,14 @@ def trim_left_padding(ids: np.ndarray, mask: np.ndarray, multiple: int = PROMPT_
   no row's tokens, positions (``cumsum(mask) - 1``) or attention change.
   """
   t = mask.shape[1]
-  used = mask.astype(bool).any(axis=0)
-  need = t - int(np.argmax(used)) if used.any() else 1
-  keep = min(t, max(-(-max(need, at_least) // multiple) * multiple, 1))
+  keep = min(t, max(-(-max(prompt_width(mask), at_least) // multiple) * multiple, 1))
   return ids[:, t - keep:], mask[:, t - keep:]
+
+
+def prompt_width(mask: np.ndarray) -> int:
+  """Columns from the first one any row uses to the end (1 when no row uses any)."""
+  used = mask.astype(bool).any(axis=0)
+  return mask.shape[1] - int(np.argmax(used)) if used.any() else 1
 
 
 def _prepare(model, inputs: Mapping[str, Any], mesh: Mesh | None):
@@ -261,9 +265,8 @@ def _prepare(model, inputs: Mapping[str, Any], mesh: Mesh | None):
   at_least = 0
   if pc > 1:          # every process must build the same global shape: agree on the longest
     from jax.experimental import multihost_utils
-    m = arrays["attention_mask"].astype(bool)
-    need = m.shape[1] - int(np.argmax(m.any(axis=0))) if m.any() else 1
-    at_least = int(np.max(multihost_utils.process_allgather(np.int32(need))))
+    need = np.int32(prompt_width(arrays["attention_mask"]))
+    at_least = int(np.max(multihost_utils.process_allgather(need)))
   arrays["input_ids"], arrays["attention_mask"] = trim_left_padding(
       arrays["input_ids"], arrays["attention_mask"], at_least=at_least)
   if mesh is not None and pc > 1:

@@ -7,9 +7,9 @@ Restores RUN's newest checkpoint once, then answers the suite ``--runs + 1`` tim
 ``feabench.predict_suite`` (what ``launch/eval_feabench.py`` runs per suite): the first pass
 includes compilation (``cold_seconds``; with the persistent compile cache off, so it is a real
 cold start), the others are timed warm (median, all listed). Each pass is split into the time
-inside ``generate.generate`` / ``generate.score_candidates`` (``model_seconds``: the compiled
-programs plus their per-call Python) and the rest (data pipeline, tokenizer, parsing). Also
-printed: prompts answered and ``answers_sha256``, a digest of every answer sorted by (id, task)
+inside ``generate.visual_tokens`` / ``generate`` / ``score_candidates`` (``model_seconds``: the
+compiled programs plus their per-call Python) and the rest (data pipeline, tokenizer, parsing).
+Also printed: prompts answered and ``answers_sha256``, a digest of every answer sorted by (id, task)
 (independent of the order rows are batched in), so two code versions can be checked for
 identical greedy answers. Load average before/after. Prints one JSON object.
 """
@@ -70,7 +70,7 @@ def main(argv):
   tok = tok_lib.load(config.data.get("tokenizer", ""))
   e = config.eval
   sampling = feabench.sampling_config(config, tok)
-  timers = [_Timed(gen, "generate"), _Timed(gen, "score_candidates")]
+  timers = [_Timed(gen, "visual_tokens"), _Timed(gen, "generate"), _Timed(gen, "score_candidates")]
   passes = []
   digest = None
   load = [os.getloadavg()[0]]

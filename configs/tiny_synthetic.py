@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.frozen_dtype = "float32"
   m.compute_dtype = "float32"
   m.remat = False
+  # LLM layers as one lax.scan in training and scoring: XLA compiles one layer body, so the
+  # 7B TPU compile fits in host RAM (decoding keeps the per-layer loop).
+  m.scan_layers = False
   # LLM causal attention: 'xla' (reference), 'splash' (Pallas TPU flash kernel), 'cudnn' (GPU),
   # or 'auto' (splash on TPU, cuDNN on GPU where it accepts the shapes, else XLA).
   m.attention = "xla"

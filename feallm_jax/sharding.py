@@ -164,6 +164,21 @@ def batch_shards(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Inside a jit traced under ``jax.set_mesh``: keeps an activation's batch axis split over
+  data x fsdp. Without it GSPMD may follow the FSDP-sharded weights instead and keep whole
+  batches per device: the 7B step's AOT compile for v5e-8 held the micro-batch's full
+  ``f32[16, 2624, 32000]`` logits (5 GiB) and ``[16, 4, 2624, 2624]`` attention logits on every
+  chip. No-op outside a mesh, on one shard, or when the batch does not split evenly."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+    return x
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+  if n == 1 or x.ndim == 0 or x.shape[0] % n:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(("data", "fsdp"), *([None] * (x.ndim - 1))))
+
+
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles a global batch from this process's slice of it (multi-host safe)."""
   out = {}

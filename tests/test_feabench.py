@@ -225,6 +225,52 @@ def test_score_mode_maps_candidates_to_labels(run, monkeypatch):
   assert m["summary"]["fer"]["emotion_unparsed"] == 0 and m["summary"]["fer"]["accuracy"] == 1.0
 
 
+def test_each_face_is_encoded_once_for_all_its_questions(run, monkeypatch):
+  """Four tasks per face, batches of 8 rows: every face goes through the vision side once
+  (``FaceTokens``), later questions reuse its tokens, and every answer equals the answer of the
+  path that encodes the image with each question."""
+  from feallm_jax.data import tokenizer as tok_lib
+  from feallm_jax.eval import generate as gen
+  tok = tok_lib.load("")
+  config = run["config"].copy_and_resolve_references()
+  config.eval.batch_size = 8
+  model, _ = feabench.load_model(config, run["workdir"])
+  suite = feabench.Suite("synthetic_fea", "synthetic_fea", "test",
+                         ("fer", "aur", "joint", "reasoning"))
+  sampling = gen.SamplingConfig(max_new_tokens=6)
+  encoded = []
+  real_visual = gen.visual_tokens
+
+  def counting(model, batch, mesh=None):
+    encoded.append(int(np.asarray(batch["example_mask"]).sum()))
+    return real_visual(model, batch, mesh)
+
+  monkeypatch.setattr(gen, "visual_tokens", counting)
+  records = feabench.predict_suite(model, config, suite, "generate", tok, sampling,
+                                   progress=False)
+  faces = {r["id"] for r in records}
+  assert len(faces) == 3 and len(records) > 8          # the 3 faces' questions fill 2 batches
+  assert len(encoded) == 1, encoded     # batch 1 holds every face; batch 2 reuses (not: [8, 4])
+  monkeypatch.setattr(feabench.FaceTokens, "encode", lambda self, m, batch, metas: batch)
+  plain = feabench.predict_suite(model, config, suite, "generate", tok, sampling,
+                                 progress=False)
+  assert len(encoded) == 1              # the image path encodes inside generate
+  key = lambda r: (r["id"], r["task"])
+  assert [(key(r), r["prediction"]) for r in records] == [(key(r), r["prediction"])
+                                                          for r in plain]
+
+
+def test_eval_rows_come_in_windows_of_records_task_by_task(run):
+  from feallm_jax.data import pipeline
+  order = lambda w: [(m["record"], m["task"]) for _, metas in pipeline.eval_batches(
+      run["config"], split="test", tasks=("fer", "aur"), batch_size=8, num_samples=3,
+      window=w) for m in metas if m["real"]]
+  assert order(0) == [(0, "fer"), (1, "fer"), (2, "fer"), (0, "aur"), (1, "aur"), (2, "aur")]
+  assert order(2) == [(0, "fer"), (1, "fer"), (0, "aur"), (1, "aur"), (2, "fer"), (2, "aur")]
+  with pytest.raises(ValueError, match="reuse_window"):
+    order(-1)
+
+
 def test_unbuilt_suite_names_builder_and_command(run):
   from feallm_jax.data import tokenizer as tok_lib
   from feallm_jax.eval import generate as gen

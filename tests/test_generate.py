@@ -333,6 +333,21 @@ def test_feallm_greedy_equals_full_forward_argmax(devices):
   s = gen.score_candidates(model, {k: v[:1] for k, v in batch.items()}, cands,
                            np.ones_like(cands))
   assert s.pred[0] == 0
+  # Faces encoded before (visual_tokens), rows in another order: the same tokens and scores,
+  # with no image in the batch.
+  visual = gen.visual_tokens(model, batch)
+  assert visual.shape[:2] == (b, model.spec.num_visual_tokens)
+  perm = [2, 0, 1]
+  text = {k: batch[k][perm] for k in ("input_ids", "attention_mask")}
+  again, _ = gen.generate(model, dict(visual=visual[perm], **text),
+                          gen.SamplingConfig(max_new_tokens=n))
+  np.testing.assert_array_equal(again, tokens[perm])
+  s2 = gen.score_candidates(model, dict(visual=visual[:1], input_ids=batch["input_ids"][:1],
+                                        attention_mask=batch["attention_mask"][:1]),
+                            cands, np.ones_like(cands))
+  np.testing.assert_allclose(s2.log_likelihood, s.log_likelihood, rtol=1e-5)
+  with pytest.raises(KeyError, match="image"):
+    gen.generate(model, text, gen.SamplingConfig(max_new_tokens=n))
 
 
 def test_decode_loop_updates_cache_in_place(devices):

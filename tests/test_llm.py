@@ -154,6 +154,55 @@ def test_jit_split_merge_remat_and_bf16(llama_dir):
   assert fx.rel_err(out, ref) < 5e-2
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_layers_equals_the_layer_loop(llama_dir, remat):
+  """``scan_layers=True`` (one ``lax.scan`` over the stacked layer states) against the per-layer
+  loop on the same weights: logits, every gradient, and the dropout streams each layer leaves
+  behind (LoRA dropout on, so every layer must draw its own masks, as the loop does)."""
+  from feallm_jax.models import lora
+  cfg = hf.llm_config_from_dir(llama_dir)
+  assert cfg.num_layers >= 2
+  ids = jnp.asarray(_ids(t=8))
+  lcfg = lora.LoRAConfig(rank=4, alpha=8.0, dropout=0.3)
+  weights = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, cfg.vocab_size)), jnp.float32)
+
+  def build(scan):
+    with sharding.mesh_rules(sharding.single_device_mesh()):
+      model = nnx.eval_shape(lambda: llm.Decoder(cfg, lora=lcfg, remat=remat, scan_layers=scan,
+                                                 rngs=nnx.Rngs(params=0, dropout=1)))
+      init = nnx.jit(lambda: nnx.state(llm.Decoder(cfg, lora=lcfg, remat=remat, scan_layers=scan,
+                                                   rngs=nnx.Rngs(params=0, dropout=1))))()
+    nnx.update(model, init)
+    hf.load_llm_weights(model, llama_dir)
+    for i, (_, m) in enumerate(model.iter_modules()):
+      if isinstance(m, lora.LoRA):
+        m.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(i), m.lora_b.shape)
+    return model
+
+  out = {}
+  for scan in (False, True):
+    model = build(scan)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+
+    def loss(params, rest):
+      m = nnx.merge(graphdef, params, rest)
+      logits = m(ids)
+      return jnp.sum(logits * weights), (logits, nnx.as_pure(nnx.state(m, nnx.RngCount)))
+
+    (_, (logits, counts)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, rest)
+    out[scan] = (np.asarray(logits), {"/".join(map(str, p)): np.asarray(g) for p, g in
+                                      nnx.to_flat_state(grads)},
+                 {"/".join(map(str, p)): int(c) for p, c in nnx.to_flat_state(counts)})
+  (l0, g0, c0), (l1, g1, c1) = out[False], out[True]
+  np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
+  assert c0 == c1 and len(c0) == 7 * cfg.num_layers and set(c0.values()) == {1}
+  assert g0.keys() == g1.keys() and any("lora_a" in k for k in g0)
+  for k in g0:
+    assert np.abs(g0[k]).max() > 0, k
+    np.testing.assert_allclose(g1[k], g0[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 def test_inputs_embeds_and_return_hidden(llama_dir):
   model = hf.load_llm(llama_dir)
   ids = jnp.asarray(_ids(t=6))

@@ -1020,21 +1020,41 @@ class EvalExample(grain.transforms.Map):
   scores it as unanswerable and counts it instead of crashing.
   """
 
+  # Records whose decoded face is kept: rows come task by task within a window of records
+  # (eval_batches), so each face is read and resampled once for its (up to) four questions.
+  KEEP = 1024
+
   def __init__(self, spec: ExampleSpec, source, dataset: str):
     self.spec, self.source, self.dataset = spec, source, dataset
+    self._faces: dict[int, tuple] = {}
+
+  def _record_and_views(self, index: int, rng):
+    """(record, views or the Unfit it raised): evaluation views are deterministic (no
+    augmentation draws from ``rng``), so a record's views serve all its rows."""
+    if index not in self._faces:
+      rec = _clean_record(self.source[index])
+      try:
+        views = self.spec.views(rec, rng, None)
+      except Unfit as e:
+        views = e
+      self._faces[index] = (rec, views)
+      while len(self._faces) > self.KEEP:
+        self._faces.pop(next(iter(self._faces)))
+    return self._faces[index]
 
   def map(self, element):
     gpos, row = element
     s = self.spec
     real = row is not None
     index, task = row if real else (0, None)
-    rec = _clean_record(self.source[index])
+    rng = np.random.default_rng([s.seed, 0, index])
+    rec, views = self._record_and_views(index, rng)
     tok = _tokenizer(s.tokenizer)
     img_id = tokenizer_lib.image_token_id(tok)
-    rng = np.random.default_rng([s.seed, 0, index])
     task_id, ref, prompt, unfit = FREE_FORM_TASK, "", [], None
     try:
-      views = s.views(rec, rng, None)
+      if isinstance(views, Unfit):
+        raise views
       if rec["conversations"]:
         conv, _ = _conversation(rec, s.tasks, rng)
       else:
@@ -1074,7 +1094,8 @@ class EvalExample(grain.transforms.Map):
                                     _task_name(task_id)), prompt=prompt[-1]["content"]
                 if prompt else "", reference=ref, emotion=int(rec["emotion"]),
                 au_present=_au_vector(rec).tolist(), label_set=label_set(self.dataset),
-                dataset=self.dataset, real=real, position=int(gpos), unfit=unfit)
+                dataset=self.dataset, real=real, position=int(gpos), unfit=unfit,
+                record=int(index) if real else None)
     return batch, meta
 
 
@@ -1123,13 +1144,27 @@ class _Rows(grain.MapDataset):
     return f"_Rows({len(self._rows)} -> {self._len})"
 
 
+DEFAULT_REUSE_WINDOW = 256   # records; 7B visual tokens: 577 x 4096 bf16 = 4.7 MB per face
+
+
+def reuse_window(config) -> int:
+  """``eval.reuse_window``: records whose faces an evaluation encodes once for all their tasks
+  (0 = the whole split)."""
+  e = config.get("eval", None)
+  w = e.get("reuse_window", DEFAULT_REUSE_WINDOW) if e is not None else DEFAULT_REUSE_WINDOW
+  return int(w if w is not None else DEFAULT_REUSE_WINDOW)
+
+
 def eval_batches(config, *, dataset: str | None = None, split: str = "test",
                  tasks: Sequence[str] | None = None, batch_size: int | None = None,
                  num_samples: int = 0, process_index: int | None = None,
-                 process_count: int | None = None,
+                 process_count: int | None = None, window: int | None = None,
                  source=None) -> Iterator[tuple[dict, list[dict]]]:
   """(batch, metas) of LEFT-padded prompts; the last global batch is padded, example_mask=0.
 
+  Rows come in windows of ``window`` records (default ``eval.reuse_window``; 0 = the whole
+  split), task by task within a window, so the evaluation can encode each face once and reuse
+  it for every question on it while holding only one window's visual tokens.
   Every process yields the same number of batches (its block of each global batch).
   """
   d = config.data
@@ -1144,8 +1179,12 @@ def eval_batches(config, *, dataset: str | None = None, split: str = "test",
   # longest answer ends, so a FER batch stops after a few tokens instead of decoding alongside
   # 60-token reasoning answers. Every process orders alike.
   order = {t: i for i, t in enumerate(tasks)}
+  if window is None:
+    window = reuse_window(config)
+  if window < 0:
+    raise ValueError(f"eval.reuse_window must be >= 0, got {window}")
   rows = sorted(eval_rows(src, tasks, num_samples),
-                key=lambda r: order.get(r[1], len(order)))
+                key=lambda r: (r[0] // window if window else 0, order.get(r[1], len(order))))
   spec = _spec(config, len(src), train=False, seed=int(config.seed), tasks=tasks)
   ds = ProcessRows(_Rows(rows, B), B, pi, pc)
   ds = ds.map(EvalExample(spec, src, dataset)).batch(B // pc, batch_fn=_collate_eval)

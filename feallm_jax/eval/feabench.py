@@ -165,6 +165,41 @@ def _true_aus(au_present: Sequence[int], au_set: Sequence[int]) -> list[int] | N
   return [a for a, v in zip(au_set, vec) if v == 1]
 
 
+class FaceTokens:
+  """Visual tokens of the faces answered so far, by record: FEABench asks up to four questions
+  about each face (FER, AUs, both, reasoning) and ``pipeline.eval_batches`` puts them in the
+  same window of records, so each face is encoded once. Holds at most ``capacity`` faces
+  (0 = no bound), oldest dropped first."""
+
+  def __init__(self, capacity: int):
+    self.capacity, self.rows = int(capacity), {}
+    self.encoded = self.reused = 0
+
+  def encode(self, model, batch: Mapping[str, Any], metas: Sequence[Mapping[str, Any]]) -> dict:
+    """``batch`` with ``visual`` (from the store, or encoded now) in place of the images."""
+    from feallm_jax import distributed
+    keys = [m.get("record") if m.get("real") and not m.get("unfit") else None for m in metas]
+    hit = any(k is not None for k in keys) and all(k is None or k in self.rows for k in keys)
+    # One batch's faces are encoded on every process or on none (a collective computation).
+    hit = not distributed.any_process(not hit)
+    if hit:
+      blank = np.zeros_like(next(self.rows[k] for k in keys if k is not None))
+      visual = np.stack([self.rows[k] if k is not None else blank for k in keys])
+      self.reused += sum(k is not None for k in keys)
+    else:
+      visual = gen.visual_tokens(model, batch)
+      for k, row in zip(keys, visual):
+        if k is not None:
+          self.rows.pop(k, None)
+          self.rows[k] = row
+          self.encoded += 1
+      while self.capacity and len(self.rows) > self.capacity:
+        self.rows.pop(next(iter(self.rows)))
+    out = {k: v for k, v in batch.items() if k not in gen.IMAGE_KEYS + gen.OPTIONAL_KEYS_VISION}
+    out["visual"] = visual
+    return out
+
+
 def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.SamplingConfig, *,
                   progress: bool = True, source=None) -> list[dict[str, Any]]:
   """Per-sample predictions (one dict per real eval row) for one suite.
@@ -199,6 +234,8 @@ def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.Sam
     yield first
     yield from batches
 
+  faces = FaceTokens(pipeline.reuse_window(config))
+
   distributed.barrier(f"eval {suite.name}")   # before the first collective of the suite
   for batch, metas in _progress(chain(), f"{suite.name} ({mode})",
                                 progress and jax.process_index() == 0):
@@ -215,6 +252,8 @@ def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.Sam
       need_text, need_scores = (distributed.any_process(need_text),
                                 distributed.any_process(need_scores))
     texts = [None] * len(metas)
+    if (need_text or need_scores) and gen.is_vision_model(model):
+      batch = faces.encode(model, batch, metas)
     if need_text:
       tokens, lengths = gen.generate(model, batch, sampling)
       texts = gen.decode_tokens(tok, tokens, lengths, sampling.eos_ids)

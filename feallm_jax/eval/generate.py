@@ -47,6 +47,8 @@ from feallm_jax.models import layers
 PROMPT_KEYS_VISION = ("image", "regions", "input_ids", "attention_mask")
 OPTIONAL_KEYS_VISION = ("lca_image",)   # the face at the LCA's resolution (data.lca_image_size)
 PROMPT_KEYS_TEXT = ("input_ids", "attention_mask")
+PROMPT_KEYS_VISUAL = ("visual", "input_ids", "attention_mask")   # faces encoded before
+IMAGE_KEYS = ("image", "regions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +93,10 @@ def left_pad_positions(mask: jax.Array) -> jax.Array:
 
 def _embed_prompt(model, inputs: Mapping[str, jax.Array]):
   """(embeds [B,L,D], mask [B,L], positions [B,L]) of the prompt for either kind of model."""
+  if is_vision_model(model) and "visual" in inputs:    # faces encoded before (visual_tokens)
+    embeds, mask, positions = model.embed_visual(inputs["visual"], inputs["input_ids"],
+                                                 inputs["attention_mask"])
+    return embeds, mask.astype(jnp.int32), positions.astype(jnp.int32)
   if is_vision_model(model):
     embeds, mask, positions = model.embed_inputs(
         inputs["image"], inputs["regions"], inputs["input_ids"], inputs["attention_mask"],
@@ -237,16 +243,23 @@ def prompt_width(mask: np.ndarray) -> int:
   return mask.shape[1] - int(np.argmax(used)) if used.any() else 1
 
 
-def _prepare(model, inputs: Mapping[str, Any], mesh: Mesh | None):
-  """Picks the prompt keys, pads the batch to the mesh's batch shards, places it sharded."""
-  keys = PROMPT_KEYS_VISION if is_vision_model(model) else PROMPT_KEYS_TEXT
+def _prepare(model, inputs: Mapping[str, Any], mesh: Mesh | None,
+             keys: Sequence[str] | None = None):
+  """Picks the prompt keys, pads the batch to the mesh's batch shards, places it sharded.
+
+  A vision batch carrying ``visual`` (tokens from :func:`visual_tokens`) needs no image."""
+  if keys is None and is_vision_model(model) and "visual" in inputs:
+    keys = PROMPT_KEYS_VISUAL
+  elif keys is None:
+    keys = PROMPT_KEYS_VISION if is_vision_model(model) else PROMPT_KEYS_TEXT
+  keys = tuple(keys)
   missing = [k for k in keys if k not in inputs]
   if missing:
     raise KeyError(f"generate: prompt batch lacks {missing}")
-  if is_vision_model(model):
+  if is_vision_model(model) and "image" in keys:
     keys = keys + tuple(k for k in OPTIONAL_KEYS_VISION if k in inputs)
   arrays = {k: np.asarray(inputs[k]) for k in keys}
-  b = arrays["input_ids"].shape[0]
+  b = arrays[keys[0]].shape[0]
   shards = sharding_lib.batch_shards(mesh) if mesh is not None else 1
   pc = jax.process_count()
   if pc > 1:          # ``inputs`` holds this process's rows only: pad them to its share
@@ -260,15 +273,16 @@ def _prepare(model, inputs: Mapping[str, Any], mesh: Mesh | None):
   if pad:
     arrays = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in
               arrays.items()}
-  arrays["input_ids"] = arrays["input_ids"].astype(np.int32)
-  arrays["attention_mask"] = arrays["attention_mask"].astype(np.int32)
-  at_least = 0
-  if pc > 1:          # every process must build the same global shape: agree on the longest
-    from jax.experimental import multihost_utils
-    need = np.int32(prompt_width(arrays["attention_mask"]))
-    at_least = int(np.max(multihost_utils.process_allgather(need)))
-  arrays["input_ids"], arrays["attention_mask"] = trim_left_padding(
-      arrays["input_ids"], arrays["attention_mask"], at_least=at_least)
+  if "input_ids" in arrays:
+    arrays["input_ids"] = arrays["input_ids"].astype(np.int32)
+    arrays["attention_mask"] = arrays["attention_mask"].astype(np.int32)
+    at_least = 0
+    if pc > 1:        # every process must build the same global shape: agree on the longest
+      from jax.experimental import multihost_utils
+      need = np.int32(prompt_width(arrays["attention_mask"]))
+      at_least = int(np.max(multihost_utils.process_allgather(need)))
+    arrays["input_ids"], arrays["attention_mask"] = trim_left_padding(
+        arrays["input_ids"], arrays["attention_mask"], at_least=at_least)
   if mesh is not None and pc > 1:
     placed = sharding_lib.global_batch(arrays, mesh)
   elif mesh is not None:
@@ -309,6 +323,28 @@ def generate(model: nnx.Module, inputs: Mapping[str, Any], cfg: SamplingConfig,
   else:
     tokens, lengths = _generate_jit(*args, **kw)
   return _rows(tokens, mesh)[:b], _rows(lengths, mesh)[:b]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _visual_jit(graphdef, state, inputs):
+  model = nnx.merge(graphdef, state)
+  return model.visual_tokens(inputs["image"], inputs["regions"], lca_image=inputs.get("lca_image"))
+
+
+def visual_tokens(model: nnx.Module, inputs: Mapping[str, Any],
+                  mesh: Mesh | None = None) -> np.ndarray:
+  """``[B, N_vis(+1), D]`` visual tokens of the batch's faces (this process's rows), to pass back
+  as ``inputs["visual"]`` to :func:`generate` / :func:`score_candidates` in place of the image:
+  FEABench asks up to four questions about each face and encodes it once."""
+  mesh = mesh if mesh is not None else _mesh_of(model)
+  placed, b = _prepare(model, inputs, mesh, keys=IMAGE_KEYS)
+  graphdef, state = nnx.split(layers.with_dropout(model, False))
+  if mesh is not None:
+    with jax.set_mesh(mesh):
+      out = _visual_jit(graphdef, state, placed)
+  else:
+    out = _visual_jit(graphdef, state, placed)
+  return _rows(out, mesh)[:b]
 
 
 def _rows(x: jax.Array, mesh: Mesh | None) -> np.ndarray:

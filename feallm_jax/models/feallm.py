@@ -53,6 +53,7 @@ class FEALLMSpec:
   frozen_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = False  # LLM layers as one lax.scan in training / scoring (compile size)
   attention: str = "xla"     # LLM causal attention: xla | splash | cudnn | auto (attention_kernels)
   # Auxiliary label loss on the visual tokens (models/label_head.py); 0 = none, the paper's.
   label_loss_weight: float = 0.0
@@ -158,7 +159,7 @@ def spec_from_config(config) -> FEALLMSpec:
       lora=lora_cfg, param_dtype=str(m.get("param_dtype", "float32")),
       frozen_dtype=str(m.get("frozen_dtype", "float32")),
       compute_dtype=str(m.get("compute_dtype", "float32")), remat=bool(m.get("remat", False)),
-      attention=str(m.get("attention", "xla")),
+      scan_layers=bool(m.get("scan_layers", False)), attention=str(m.get("attention", "xla")),
       label_loss_weight=float(m.get("label_loss_weight", 0.0)))
 
 
@@ -191,7 +192,7 @@ class FEALLM(nnx.Module):
     self.llm = llm_lib.Decoder(
         spec.llm, lora=spec.lora if spec.train_llm == "lora" else None, dtype=compute,
         param_dtype=train_dt if spec.train_llm == "full" else frozen_dt, remat=spec.remat,
-        attention=spec.attention,
+        attention=spec.attention, scan_layers=spec.scan_layers,
         rngs=rngs)
     self.label_head = (label_head_lib.LabelHead(dl, dtype=compute, param_dtype=train_dt, rngs=rngs)
                        if spec.label_loss_weight > 0 else None)
@@ -250,6 +251,11 @@ class FEALLM(nnx.Module):
                    attention_mask: jax.Array, lca_image: jax.Array | None = None):
     """``(embeds [B,L,D], attention_mask [B,L], positions [B,L])`` with ``<image>`` expanded."""
     visual = self.visual_tokens(image, regions, lca_image=lca_image)
+    return self.embed_visual(visual, input_ids, attention_mask)
+
+  def embed_visual(self, visual: jax.Array, input_ids: jax.Array, attention_mask: jax.Array):
+    """:meth:`embed_inputs` from visual tokens computed before (``visual_tokens``'s output):
+    an evaluation asking several questions about one face encodes the face once."""
     embeds, mask, positions, _ = self._expand(visual, input_ids, attention_mask, {})
     return embeds, mask, positions
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from feallm_jax import sharding
 from feallm_jax.models import layers
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -172,9 +173,10 @@ class VisionEncoder(nnx.Module):
     cls = jnp.broadcast_to(self.class_embed[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(self.dtype)[None]
     x = self.pre_ln(x)
+    x = sharding.constrain_batch(x)
     hidden = [x]
     for block in self.blocks:
-      x = block(x)
+      x = sharding.constrain_batch(block(x))
       hidden.append(x)
     return tuple(hidden)
 

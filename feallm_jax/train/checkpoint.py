@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Model keys that do not change the meaning of saved weights (a resume may change them).
 _RUNTIME_MODEL_KEYS = ("remat", "compute_dtype", "frozen_dtype", "hf_path", "base_checkpoint",
-                       "attention")
+                       "attention", "scan_layers")
 
 
 class CheckpointMismatchError(ValueError):

@@ -137,7 +137,8 @@ def largest_hlo_values(hlo_text: str, n: int) -> list[dict[str, Any]]:
   for line in hlo_text.splitlines():
     if line and not line.startswith(" ") and "{" in line:
       m = _COMP.match(line)
-      comp = m.group(1) if m else None
+      if m:             # else the tail of a multi-line instruction (a kernel's config)
+        comp = m.group(1)
       continue
     if comp is None or comp in fused:
       continue
@@ -183,19 +184,22 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
   Why: XLA's ``cost_analysis`` counts a loop body once, so with ``model.scan_layers`` (the layer
   stack as one ``lax.scan``) it reports one layer of 32, and the gradient-accumulation loop one
   micro-batch. Here each computation's own cost is summed and callees are weighted by how often
-  they run (fusions and calls once, while bodies ``n`` times). FLOPs: ``dot`` only (2 x output
-  elements x contracted size), so elementwise work, convolutions and custom calls (Pallas
-  kernels) are not in it. Bytes: output plus operands of every unfused instruction, XLA's
-  definition for a fusion. ``unknown_trip_loops`` counts loops run once for lack of a count.
+  they run (fusions and calls once, while bodies ``n`` times). FLOPs: ``dot`` and ``convolution``
+  (a TPU program writes its matmuls as convolutions): 2 x output elements x contracted size;
+  elementwise work and custom calls (Pallas kernels) are not in it. Bytes: output plus operands
+  of every unfused instruction, XLA's definition for a fusion. ``unknown_trip_loops`` counts
+  loops run once for lack of a count.
   """
   shapes: dict[str, tuple[str, list[int]] | None] = {}
+  consts: dict[str, int] = {}
+  _roots: dict[str, str] = {}
   comps: dict[str, list[tuple[str, str, str, str]]] = {}
   entry, comp = None, None
   for line in hlo_text.splitlines():
     if line and not line.startswith(" ") and "{" in line:
       m = _COMP.match(line)
-      comp = m.group(1) if m else None
-      if comp is not None:
+      if m:             # else the tail of a multi-line instruction (a Pallas kernel's config)
+        comp = m.group(1)
         comps[comp] = []
         if line.startswith("ENTRY"):
           entry = comp
@@ -204,10 +208,66 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
     if comp is None or not m:
       continue
     name, type_text, op, rest = m.groups()
+    if line.lstrip().startswith("ROOT"):
+      _roots[comp] = name
     shapes[name] = _dims(type_text)
+    if op == "constant":
+      v = re.match(r"\s*(-?\d+)\)", rest)
+      if v:
+        consts[name] = int(v.group(1))
     comps[comp].append((name, op, rest, type_text))
   fused = set(_CALLS.findall(hlo_text))
   memo: dict[str, tuple[float, float, int]] = {}
+
+  def trip_count(rest: str) -> int | None:
+    """``known_trip_count`` (XLA:CPU/GPU), else the loop condition ``i < N`` with N constant
+    (TPU; JAX's loops count up from 0 in steps of 1)."""
+    known = _TRIP.search(rest)
+    if known:
+      return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", rest)
+    for name, op, args, _ in comps.get(cond.group(1), []) if cond else []:
+      if op != "compare" or name != _roots.get(cond.group(1)):
+        continue
+      a, b = (_OPERAND.findall(args.split(")", 1)[0]) + [None, None])[:2]
+      direction = re.search(r"direction=(\w+)", args)
+      d = direction.group(1) if direction else ""
+      if d == "LT" and b in consts:
+        return consts[b]
+      if d == "GT" and a in consts:
+        return consts[a]
+    return None
+
+  def conv_flops(name: str, rest: str) -> float:
+    """2 x (kernel taps that meet a real input element, summed over output positions) x input
+    features x output batch and features: XLA's own count. TPU programs write matmuls, batched
+    ones included, as convolutions whose batch axes are dilated or strided windows, so counting
+    whole windows would count the holes."""
+    operands = _OPERAND.findall(rest.split(")", 1)[0])
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
+    if labels is None or len(operands) < 2:
+      return 0.0
+    lhs, rhs, out = shapes.get(operands[0]), shapes.get(operands[1]), shapes.get(name)
+    ll, rl, ol = labels.groups()
+    if lhs is None or rhs is None or out is None or (len(ll), len(rl), len(ol)) != (
+        len(lhs[1]), len(rhs[1]), len(out[1])):
+      return 0.0
+    spatial = sorted(ch for ch in rl if ch.isdigit())
+    win = re.search(r"window=\{([^}]*)\}", rest)
+    fields = dict(kv.split("=", 1) for kv in win.group(1).split()) if win else {}
+    per_dim = lambda key, default: ([default] * len(spatial) if key not in fields else
+                                    fields[key].split("x"))
+    sizes, strides = per_dim("size", "1"), per_dim("stride", "1")
+    pads, ldil, rdil = per_dim("pad", "0_0"), per_dim("lhs_dilate", "1"), per_dim("rhs_dilate", "1")
+    taps = 1
+    for j, d in enumerate(spatial):
+      n_in, n_out, k = lhs[1][ll.index(d)], out[1][ol.index(d)], int(sizes[j])
+      lo = int(pads[j].split("_")[0])
+      pos = (np.arange(n_out)[:, None] * int(strides[j]) + np.arange(k)[None] * int(rdil[j])
+             - lo)
+      dl = int(ldil[j])
+      taps *= int(np.count_nonzero((pos >= 0) & (pos <= (n_in - 1) * dl) & (pos % dl == 0)))
+    return 2.0 * out[1][ol.index("b")] * out[1][ol.index("f")] * rhs[1][rl.index("i")] * taps
 
   def cost(c: str, depth: int = 0) -> tuple[float, float, int]:
     if c in memo:
@@ -218,6 +278,8 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
     unknown = 0
     for name, op, rest, _ in comps[c]:
       args = rest.split(")", 1)[0]
+      if op == "convolution":
+        flops += conv_flops(name, rest)
       if op == "dot":
         operands = _OPERAND.findall(args)
         lhs = shapes.get(operands[0]) if operands else None
@@ -232,8 +294,8 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
       times = 1
       callees = re.findall(r"(?:calls|to_apply|body)=%?([\w.\-]+)", rest)
       if op == "while":
-        trip = _TRIP.search(rest)
-        times = int(trip.group(1)) if trip else 1
+        trip = trip_count(rest)
+        times = trip if trip is not None else 1
         unknown += trip is None
         callees = re.findall(r"body=%?([\w.\-]+)", rest)
       elif op == "conditional":
@@ -456,6 +518,7 @@ def run(config, topology: str, *, programs: Sequence[str] = PROGRAMS, top: int =
         argument_check=dict(expected=sum(breakdown.values()), compiled=comp.memory["argument"]),
         flops=dict(compiled_counted=compiled_counted, pallas_kernel_flops_added=kernel_flops,
                    xla_counted_times_accum=k * compiled_counted,
+                   hlo_walk=walked["dot_flops"],
                    unknown_trip_loops=walked["unknown_trip_loops"],
                    compiled_per_step=step_flops, analytic_per_step=model_flops_dev,
                    analytic_parts_per_example=analytic,

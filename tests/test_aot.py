@@ -126,6 +126,23 @@ def test_train_step_memory_matches_an_independent_count(report):
   assert 0.9 < f["ratio"] < 2.0 and train["accum_steps"] == 2
 
 
+def test_scanned_layers_compile_to_the_same_flops_as_the_layer_loop(report):
+  """The shipped config scans its LLM layers (``model.scan_layers``); the same step with the
+  layer loop unrolled: XLA's own count (a loop body once) sees one layer of the scan, the
+  trip-count-weighted walk of the HLO (``aot.loop_aware_cost``) sees the same FLOPs for both,
+  and equals XLA's count of the unrolled step (elementwise work aside)."""
+  config, r, _ = report
+  assert config.model.scan_layers is True
+  unrolled = config.copy_and_resolve_references()
+  unrolled.model.scan_layers = False
+  u = aot.run(unrolled, "v5e:2x4", programs=("train",))["programs"]["train"]["flops"]
+  s = r["programs"]["train"]["flops"]
+  assert s["compiled_per_step"] == pytest.approx(u["compiled_per_step"], rel=0.01)
+  assert s["xla_counted_times_accum"] < 0.9 * u["xla_counted_times_accum"]
+  assert 0.9 < u["hlo_walk"] / u["xla_counted_times_accum"] <= 1.0
+  assert s["unknown_trip_loops"] == 0 and u["unknown_trip_loops"] == 0
+
+
 def test_does_not_fit_names_the_largest_buffers(report):
   _, r, _ = report
   train = r["programs"]["train"]

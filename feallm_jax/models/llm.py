@@ -346,7 +346,10 @@ class Decoder(nnx.Module):
         raise ValueError(f"llm: inputs_embeds must be [B,T,{self.cfg.hidden_size}], got "
                          f"{tuple(inputs_embeds.shape)}")
       x = inputs_embeds.astype(self.dtype)
-    x = sharding.constrain_batch(x)
+    # Full sequences (training, scoring) keep their batch split over data x fsdp; a decode step
+    # does not: with one token per row, batch-split rows would all-gather every FSDP weight per
+    # token (the AOT decode step's FLOPs rose 1.6x that way).
+    x = x if cache is not None else sharding.constrain_batch(x)
     b, t, _ = x.shape
     index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
     s = cache.max_len if cache is not None else t
@@ -391,12 +394,13 @@ class Decoder(nnx.Module):
       for i, layer in enumerate(self.layers):
         kv = (cache.k[i], cache.v[i]) if cache is not None else None
         x, kv = run(layer, x, cos, sin, mask, kv, index, valid)
-        x = sharding.constrain_batch(x)
+        x = x if cache is not None else sharding.constrain_batch(x)
         if kv is not None:
           new_k.append(kv[0])
           new_v.append(kv[1])
     hidden = self.norm(x)
-    logits = sharding.constrain_batch(self.logits(hidden))
+    logits = self.logits(hidden)
+    logits = logits if cache is not None else sharding.constrain_batch(logits)
     out: tuple = (logits,)
     if cache is not None:
       out += (KVCache(k=tuple(new_k), v=tuple(new_v), index=index + t),)

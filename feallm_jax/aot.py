@@ -269,6 +269,51 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
       taps *= int(np.count_nonzero((pos >= 0) & (pos <= (n_in - 1) * dl) & (pos % dl == 0)))
     return 2.0 * out[1][ol.index("b")] * out[1][ol.index("f")] * rhs[1][rl.index("i")] * taps
 
+  def params_of(c: str) -> dict[int, str]:
+    out = {}
+    for name, op, args, _ in comps.get(c, []):
+      if op == "parameter":
+        idx = re.match(r"\s*(\d+)\)", args)
+        if idx:
+          out[int(idx.group(1))] = name
+    return out
+
+  def users_of(c: str, target: str) -> list[tuple[str, str, list[str]]]:
+    return [(name, op, ops) for name, op, args, _ in comps.get(c, [])
+            for ops in [_OPERAND.findall(args.split(")", 1)[0])] if target in ops]
+
+  def traffic(name: str, op: str, args: str, rest: str) -> float:
+    """HBM bytes of one unfused instruction: what it writes plus what it reads. A slice taken
+    from a stacked array inside the instruction reads the slice only, and an in-place update
+    writes the update only (what XLA's cost analysis counts): a scan over stacked layer
+    weights reads one layer per trip, not all of them."""
+    operands = _OPERAND.findall(args.split(")", 1)[0])
+    out = _array_bytes(shapes.get(name))
+    if op == "dynamic-slice":
+      return 2.0 * out
+    if op == "dynamic-update-slice":
+      return 2.0 * _array_bytes(shapes.get(operands[1])) if len(operands) > 1 else out
+    reads = [float(_array_bytes(shapes.get(o))) for o in operands]
+    callee = re.search(r"calls=%?([\w.\-]+)", rest) if op == "fusion" else None
+    if callee is not None:
+      fc = callee.group(1)
+      params = params_of(fc)
+      root = _roots.get(fc)
+      for j, pname in params.items():
+        if j >= len(reads):
+          continue
+        users = users_of(fc, pname)
+        if users and all(u_op == "dynamic-slice" and u_ops and u_ops[0] == pname
+                         for _, u_op, u_ops in users):
+          reads[j] = float(sum(_array_bytes(shapes.get(u)) for u, _, _ in users))
+        elif users and all(u_op == "dynamic-update-slice" and u_ops and u_ops[0] == pname
+                           for _, u_op, u_ops in users):
+          reads[j] = 0.0                        # the buffer updated in place
+          if root in [u for u, _, _ in users]:
+            upd = [u_ops[1] for u, _, u_ops in users if u == root and len(u_ops) > 1]
+            out = _array_bytes(shapes.get(upd[0])) if upd else out
+    return out + sum(reads)
+
   def cost(c: str, depth: int = 0) -> tuple[float, float, int]:
     if c in memo:
       return memo[c]
@@ -289,8 +334,7 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
           k = math.prod(lhs[1][int(i)] for i in cd.group(1).split(",") if i)
           flops += 2.0 * math.prod(out[1]) * k
       if c not in fused and op not in _NO_TRAFFIC:
-        bytes_ += _array_bytes(shapes.get(name)) + sum(
-            _array_bytes(shapes.get(o)) for o in _OPERAND.findall(args))
+        bytes_ += traffic(name, op, args, rest)
       times = 1
       callees = re.findall(r"(?:calls|to_apply|body)=%?([\w.\-]+)", rest)
       if op == "while":
@@ -464,9 +508,18 @@ def _fits(memory: dict[str, int], chip: chips.Chip) -> dict[str, Any]:
               headroom=chip.hbm_usable - memory["total"])
 
 
-def run(config, topology: str, *, programs: Sequence[str] = PROGRAMS, top: int = 8
-        ) -> dict[str, Any]:
-  """Compiles ``programs`` of ``config`` for ``topology`` and returns the report (a dict)."""
+def _write_hlo(hlo_dir: str, name: str, comp: Compiled) -> None:
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    with open(os.path.join(hlo_dir, f"{name}.hlo.txt"), "w") as f:
+      f.write(comp.hlo_text)
+
+
+def run(config, topology: str, *, programs: Sequence[str] = PROGRAMS, top: int = 8,
+        hlo_dir: str = "") -> dict[str, Any]:
+  """Compiles ``programs`` of ``config`` for ``topology`` and returns the report (a dict).
+  ``hlo_dir``: also write each program's optimized HLO there (``<program>.hlo.txt``), so its
+  costs can be read again without recompiling."""
   import jax
   from feallm_jax import flops as flops_lib, sharding
   from feallm_jax.models import feallm
@@ -493,6 +546,7 @@ def run(config, topology: str, *, programs: Sequence[str] = PROGRAMS, top: int =
 
   if "train" in programs:
     comp, trainer, batch = compile_train(config, model, mesh)
+    _write_hlo(hlo_dir, "train", comp)
     k = trainer.accum_steps
     b = int(config.data.batch_size)
     state = trainer.abstract_state()
@@ -545,6 +599,8 @@ def run(config, topology: str, *, programs: Sequence[str] = PROGRAMS, top: int =
   if eval_programs:
     st = eval_settings(config, mesh)
     comps = compile_eval(config, model, mesh, eval_programs)
+    for name, comp in comps.items():
+      _write_hlo(hlo_dir, name, comp)
     b = st["padded_batch"]
     s_cache = spec.expanded_length(st["prompt_len"]) + st["max_new_tokens"]
     for name, comp in comps.items():

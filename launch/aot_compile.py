@@ -28,6 +28,7 @@ flags.DEFINE_string("topology", None, "Accelerator type (v5e-8, v4-32, v5p-8, v6
                     "TPU topology such as v5e:2x4.")
 flags.DEFINE_list("programs", list(aot.PROGRAMS), f"Which of {aot.PROGRAMS} to compile.")
 flags.DEFINE_string("json_out", "", "Also write the report as JSON to this file.")
+flags.DEFINE_string("hlo_dir", "", "Also write each compiled program's optimized HLO here.")
 flags.DEFINE_integer("top", 8, "How many of the largest buffers to name when it does not fit.")
 flags.mark_flags_as_required(["config", "topology"])
 FLAGS = flags.FLAGS
@@ -38,7 +39,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from feallm_jax import console
   console.setup()
-  report = aot.run(FLAGS.config, FLAGS.topology, programs=FLAGS.programs, top=FLAGS.top)
+  report = aot.run(FLAGS.config, FLAGS.topology, programs=FLAGS.programs, top=FLAGS.top,
+                   hlo_dir=FLAGS.hlo_dir)
   print(aot.format_report(report))
   text = json.dumps(report, indent=1, default=str)
   print(json.dumps(report, default=str))

@@ -350,6 +350,43 @@ def test_feallm_greedy_equals_full_forward_argmax(devices):
     gen.generate(model, text, gen.SamplingConfig(max_new_tokens=n))
 
 
+def test_eval_view_folds_float32_lora_and_leaves_the_model_alone(devices):
+  """Generation folds the adapters into float32 kernels (one matmul per projection): the same
+  greedy tokens and scores as the unfolded adapters, and the caller's model keeps its
+  unfolded kernels and adapters."""
+  from feallm_jax.models import lora
+  model = _tiny_feallm(sharding.single_device_mesh())
+  for i, (_, m) in enumerate(model.iter_modules()):
+    if isinstance(m, lora.LoRA):       # live adapters (B starts at zero)
+      m.lora_b[...] = 0.5 * jax.random.normal(jax.random.key(i), m.lora_b.shape)
+  kernels = {p: np.asarray(m.kernel[...]) for p, m in model.iter_modules()
+             if isinstance(getattr(m, "lora", None), lora.LoRA)}
+  view = gen.eval_view(model)
+  assert view.merged_lora == len(kernels) == 2 * 7
+  assert gen.eval_view(view) is view
+  plain = gen.eval_view(model, merge_lora=False)
+  assert plain.merged_lora == 0
+  for p, m in model.iter_modules():
+    if p in kernels:
+      assert not m.lora.merged
+      np.testing.assert_array_equal(np.asarray(m.kernel[...]), kernels[p])
+  rng = np.random.default_rng(1)
+  texts = [[9, IMG_ID, 11, 12], [IMG_ID, 20, 21]]
+  image = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  regions = np.tile(np.asarray([0.1, 0.1, 0.6, 0.6], np.float32), (2, 16, 1))
+  batch = dict(image=image, regions=regions, **_left_pad(texts))
+  cfg = gen.SamplingConfig(max_new_tokens=8)
+  folded, _ = gen.generate(view, batch, cfg)
+  unfolded, _ = gen.generate(plain, batch, cfg)
+  np.testing.assert_array_equal(folded, unfolded)
+  cands = np.array([[1, 2], [3, 4], [5, 6]], np.int32)
+  a = gen.score_candidates(view, batch, cands, np.ones_like(cands))
+  b = gen.score_candidates(plain, batch, cands, np.ones_like(cands))
+  np.testing.assert_allclose(a.log_likelihood, b.log_likelihood, rtol=1e-5, atol=1e-5)
+  assert np.abs(a.log_likelihood - gen.score_candidates(
+      model, batch, cands, np.ones_like(cands)).log_likelihood).max() < 1e-4
+
+
 def test_decode_loop_updates_cache_in_place(devices):
   """The compiled decode loop must not copy or transpose whole cache buffers per token (the
   [B,S,Hkv,Dh] layout made XLA transpose every layer's cache before each attention dot)."""

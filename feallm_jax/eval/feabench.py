@@ -235,6 +235,7 @@ def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.Sam
     yield from batches
 
   faces = FaceTokens(pipeline.reuse_window(config))
+  model = gen.eval_view(model)     # split once, LoRA folded: every batch below reuses it
 
   distributed.barrier(f"eval {suite.name}")   # before the first collective of the suite
   for batch, metas in _progress(chain(), f"{suite.name} ({mode})",

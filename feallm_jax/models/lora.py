@@ -85,10 +85,13 @@ def _adapted_layers(model: nnx.Module):
       yield module, lora
 
 
-def merge(model: nnx.Module) -> int:
-  """Folds every adapter into its base kernel (for export); returns how many were merged."""
+def merge(model: nnx.Module, dtype=None) -> int:
+  """Folds every adapter (with ``dtype``: every adapter whose kernel has that dtype) into its
+  base kernel (export, evaluation); returns how many were merged."""
   n = 0
   for layer, lora in _adapted_layers(model):
+    if dtype is not None and layer.kernel[...].dtype != jnp.dtype(dtype):
+      continue
     if not lora.merged:
       kernel = layer.kernel[...]
       layer.kernel[...] = (kernel.astype(jnp.float32) + lora.delta_kernel()).astype(kernel.dtype)

@@ -309,9 +309,13 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
         elif users and all(u_op == "dynamic-update-slice" and u_ops and u_ops[0] == pname
                            for _, u_op, u_ops in users):
           reads[j] = 0.0                        # the buffer updated in place
-          if root in [u for u, _, _ in users]:
-            upd = [u_ops[1] for u, _, u_ops in users if u == root and len(u_ops) > 1]
-            out = _array_bytes(shapes.get(upd[0])) if upd else out
+          # The fusion's result is that update (possibly through a bitcast of it).
+          via = {u: u_ops for u, u_op, u_ops in (
+              (n, o, _OPERAND.findall(a.split(")", 1)[0])) for n, o, a, _ in comps[fc])
+              if u_op == "bitcast"}
+          top = via.get(root, [root])[0] if root in via else root
+          upd = [u_ops[1] for u, _, u_ops in users if u == top and len(u_ops) > 1]
+          out = _array_bytes(shapes.get(upd[0])) if upd else out
     return out + sum(reads)
 
   def cost(c: str, depth: int = 0) -> tuple[float, float, int]:

@@ -295,6 +295,8 @@ def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.Sam
         rec["text_aus"] = sorted(named) if named is not None else None
         rec["rouge_l"] = metrics.rouge_l(meta["reference"], text or "")["fmeasure"]
       records.append(rec)
+  log.info("%s: %d faces encoded, %d answers reused an encoded face", suite.name, faces.encoded,
+           faces.reused)
   if not multi:
     return [r for b in per_batch for r in b]
   # Every process answered its block of each global batch: batch by batch, process by

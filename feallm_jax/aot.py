@@ -187,12 +187,14 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
   they run (fusions and calls once, while bodies ``n`` times). FLOPs: ``dot`` and ``convolution``
   (a TPU program writes its matmuls as convolutions): 2 x output elements x contracted size;
   elementwise work and custom calls (Pallas kernels) are not in it. Bytes: output plus operands
-  of every unfused instruction, XLA's definition for a fusion. ``unknown_trip_loops`` counts
-  loops run once for lack of a count.
+  of every unfused instruction (a slice of a stacked array counted as the slice, an in-place
+  update as the update): an upper estimate, since buffers a loop revisits (collective-matmul
+  partial sums) count on every trip. ``unknown_trip_loops`` counts loops run once for lack of a
+  count.
   """
   shapes: dict[str, tuple[str, list[int]] | None] = {}
   consts: dict[str, int] = {}
-  _roots: dict[str, str] = {}
+  roots: dict[str, str] = {}
   comps: dict[str, list[tuple[str, str, str, str]]] = {}
   entry, comp = None, None
   for line in hlo_text.splitlines():
@@ -209,7 +211,7 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
       continue
     name, type_text, op, rest = m.groups()
     if line.lstrip().startswith("ROOT"):
-      _roots[comp] = name
+      roots[comp] = name
     shapes[name] = _dims(type_text)
     if op == "constant":
       v = re.match(r"\s*(-?\d+)\)", rest)
@@ -227,7 +229,7 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
       return int(known.group(1))
     cond = re.search(r"condition=%?([\w.\-]+)", rest)
     for name, op, args, _ in comps.get(cond.group(1), []) if cond else []:
-      if op != "compare" or name != _roots.get(cond.group(1)):
+      if op != "compare" or name != roots.get(cond.group(1)):
         continue
       a, b = (_OPERAND.findall(args.split(")", 1)[0]) + [None, None])[:2]
       direction = re.search(r"direction=(\w+)", args)
@@ -298,7 +300,7 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
     if callee is not None:
       fc = callee.group(1)
       params = params_of(fc)
-      root = _roots.get(fc)
+      root = roots.get(fc)
       for j, pname in params.items():
         if j >= len(reads):
           continue

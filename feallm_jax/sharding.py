@@ -173,7 +173,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
     return x
-  n = mesh.shape["data"] * mesh.shape["fsdp"]
+  n = batch_shards(mesh)
   if n == 1 or x.ndim == 0 or x.shape[0] % n:
     return x
   return jax.lax.with_sharding_constraint(x, P(("data", "fsdp"), *([None] * (x.ndim - 1))))

@@ -135,8 +135,10 @@ def jax_runner(c, b, t):
                regions=np.zeros((b, 16, 4), np.float32), input_ids=ids,
                attention_mask=np.ones_like(ids))
 
+  view = gen.eval_view(model)    # once, as FEABench does (dropout off, decode layout)
+
   def run(k):
-    tokens, _ = gen.generate(model, batch, gen.SamplingConfig(max_new_tokens=k))
+    tokens, _ = gen.generate(view, batch, gen.SamplingConfig(max_new_tokens=k))
     assert tokens.shape == (b, k)
   return run, (f"jax {jax.__version__} ({jax.devices()[0].platform}, {jax.device_count()} "
                f"device(s), {_cores()} cores)")

@@ -9,7 +9,7 @@ from flax import nnx
 
 from feallm_jax import sharding
 from feallm_jax.eval import generate as gen
-from feallm_jax.models import llm
+from feallm_jax.models import layers, llm
 
 VOCAB = 64
 
@@ -366,6 +366,8 @@ def test_eval_view_folds_float32_lora_and_leaves_the_model_alone(devices):
   assert gen.eval_view(view) is view
   plain = gen.eval_view(model, merge_lora=False)
   assert plain.merged_lora == 0
+  with pytest.raises(ValueError, match=r"stored \[out, in\]"):   # the view's kernels are
+    lora.merge(nnx.merge(plain.graphdef, plain.state))          # transposed: refused
   for p, m in model.iter_modules():
     if p in kernels:
       assert not m.lora.merged
@@ -385,6 +387,45 @@ def test_eval_view_folds_float32_lora_and_leaves_the_model_alone(devices):
   np.testing.assert_allclose(a.log_likelihood, b.log_likelihood, rtol=1e-5, atol=1e-5)
   assert np.abs(a.log_likelihood - gen.score_candidates(
       model, batch, cands, np.ones_like(cands)).log_likelihood).max() < 1e-4
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_eval_view_stores_decoder_kernels_out_in_on_a_tensor_parallel_mesh(devices, tied):
+  """The view's decoder kernels and LM head are the model's, transposed (logical axes reversed,
+  so a tensor-split kernel stays split on its heads / mlp axis): greedy tokens equal the
+  [in, out] view's, scores agree to float32 rounding, the caller's model keeps [in, out]."""
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  cfg = llm.LLMConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=tied)
+  with sharding.mesh_rules(mesh):
+    dec = llm.Decoder(cfg, rngs=nnx.Rngs(5))
+  before = {p: np.asarray(m.kernel[...]) for p, m in dec.iter_modules()
+            if isinstance(m, layers.Dense)}
+  view = gen.eval_view(dec)
+  plain = gen.eval_view(dec, kernels_out_in=False)
+  moved = nnx.merge(view.graphdef, view.state)
+  assert moved.kernels_out_in and not dec.kernels_out_in
+  dense = [(p, m) for p, m in moved.iter_modules() if isinstance(m, layers.Dense)]
+  assert len(dense) == len(before) == 2 * 7
+  for p, m in dense:
+    assert m.kernel_out_in
+    np.testing.assert_array_equal(np.asarray(m.kernel[...]), before[p].T)
+  q = moved.layers[0].attn.q.kernel
+  assert q.get_metadata("out_sharding") == ("heads", "embed")
+  assert q[...].sharding.spec == sharding.logical_to_spec(("heads", "embed"))
+  if not tied:
+    np.testing.assert_array_equal(np.asarray(moved.lm_head[...]), np.asarray(dec.lm_head[...]).T)
+  for p, m in dec.iter_modules():
+    if isinstance(m, layers.Dense):
+      assert not m.kernel_out_in
+      np.testing.assert_array_equal(np.asarray(m.kernel[...]), before[p])
+  batch = _left_pad(PROMPTS)
+  sc = gen.SamplingConfig(max_new_tokens=6)
+  np.testing.assert_array_equal(gen.generate(view, batch, sc)[0], gen.generate(plain, batch, sc)[0])
+  cands = np.array([[1, 2], [3, 4], [5, 6]], np.int32)
+  a = gen.score_candidates(view, batch, cands, np.ones_like(cands)).log_likelihood
+  b = gen.score_candidates(plain, batch, cands, np.ones_like(cands)).log_likelihood
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_loop_updates_cache_in_place(devices):

@@ -289,6 +289,10 @@ def _scan_layers(layers_, x, cos, sin, valid, *, remat: bool):
 class Decoder(nnx.Module):
   """LLaMA / Qwen2 decoder; see ``docs/interfaces.md`` for the call contract."""
 
+  # Set on an evaluation view (``generate.eval_view``): every Dense kernel and the LM head are
+  # stored [out, in] there (``layers.dot_out_in``).
+  kernels_out_in = False
+
   def __init__(self, cfg: LLMConfig, *, lora: lora_lib.LoRAConfig | None = None,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, remat: bool = False,
                attention: str = "xla", scan_layers: bool = False, rngs: nnx.Rngs):
@@ -326,6 +330,10 @@ class Decoder(nnx.Module):
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final-norm hidden states -> float32 logits (accumulated in float32 for any dtype)."""
+    if self.kernels_out_in:     # an evaluation view: the head is [vocab, hidden] (tied or not)
+      w = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...]
+      return layers.dot_out_in(hidden.astype(self.dtype), w.astype(self.dtype),
+                               preferred_element_type=jnp.float32)
     if self.lm_head is None:
       w = self.embed_tokens[...].astype(self.dtype).T
     else:

@@ -92,6 +92,9 @@ def merge(model: nnx.Module, dtype=None) -> int:
   for layer, lora in _adapted_layers(model):
     if dtype is not None and layer.kernel[...].dtype != jnp.dtype(dtype):
       continue
+    if getattr(layer, "kernel_out_in", False):
+      raise ValueError("lora.merge: this layer's kernel is stored [out, in] (an evaluation "
+                       "view, generate.eval_view); merge into the model the view came from")
     if not lora.merged:
       kernel = layer.kernel[...]
       layer.kernel[...] = (kernel.astype(jnp.float32) + lora.delta_kernel()).astype(kernel.dtype)

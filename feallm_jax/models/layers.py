@@ -9,7 +9,6 @@ decide what trains, so gradients and optimizer state exist only for trainable we
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,26 +43,15 @@ def param(param_type: type[nnx.Variable], init: Callable, key: jax.Array, shape:
   return param_type(init(key, tuple(shape), dtype), out_sharding=tuple(axes))
 
 
-# At or below this many rows ``dot_out_in`` puts the weight first: decode steps (a few rows per
-# weight; FEABench decodes 64 rows at a time). Above it (prefill, scoring) the output transpose
-# that form needs would cost more than it saves.
-WEIGHT_FIRST_MAX_ROWS = 64
-
-
 def dot_out_in(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
   """``x @ w.T`` for a weight stored ``[out, in]`` (``x [..., in]`` -> ``[..., out]``).
 
-  Why: a decode step multiplies a few rows by every weight, so it is a stream over the weights.
-  XLA:CPU's GEMM streams its left operand as stored and repacks its right one; with the weight
-  on the left (``w @ x.T``, then the small ``[out, rows]`` result transposed) the 8-row GEMM
-  chain of ``configs/bench_small.py`` ran 5-13 % faster than ``x @ W`` (interleaved in one
-  process, bench_small dims). Same products and sums per output; only the summation order
-  inside the GEMM kernel may differ (~1e-6 relative)."""
-  rows = math.prod(x.shape[:-1])
-  if rows <= WEIGHT_FIRST_MAX_ROWS:
-    y = jax.lax.dot_general(w, x.reshape(rows, x.shape[-1]), (((1,), (1,)), ((), ())),
-                            preferred_element_type=preferred_element_type)
-    return y.T.reshape(*x.shape[:-1], w.shape[0])
+  Why: a decode step multiplies a few rows by every weight, a stream over the weights. With
+  the weight stored ``[out, in]`` (contracted along its contiguous axis) XLA:CPU's GEMM ran the
+  8-row, 8-layer chain of ``configs/bench_small.py`` 2-9 % faster than ``x @ W[in, out]``
+  (interleaved in one process, rotated order, duplicate jits to calibrate). Putting the weight
+  first (``w @ x.T``) compiles to the same HLO. The same products per output; the summation
+  order inside the GEMM kernel may differ (~1e-6 relative)."""
   return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
                              preferred_element_type=preferred_element_type)
 

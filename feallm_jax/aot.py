@@ -271,18 +271,25 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
       taps *= int(np.count_nonzero((pos >= 0) & (pos <= (n_in - 1) * dl) & (pos % dl == 0)))
     return 2.0 * out[1][ol.index("b")] * out[1][ol.index("f")] * rhs[1][rl.index("i")] * taps
 
-  def params_of(c: str) -> dict[int, str]:
-    out = {}
-    for name, op, args, _ in comps.get(c, []):
-      if op == "parameter":
-        idx = re.match(r"\s*(\d+)\)", args)
-        if idx:
-          out[int(idx.group(1))] = name
-    return out
+  parsed: dict[str, tuple[dict[int, str], dict[str, list], dict[str, list[str]]]] = {}
 
-  def users_of(c: str, target: str) -> list[tuple[str, str, list[str]]]:
-    return [(name, op, ops) for name, op, args, _ in comps.get(c, [])
-            for ops in [_OPERAND.findall(args.split(")", 1)[0])] if target in ops]
+  def fusion_of(c: str):
+    """One fused computation's parameters by index, the users of each value and each bitcast's
+    operands: parsed once per computation (a fusion is asked about every parameter)."""
+    if c not in parsed:
+      params, users, via = {}, {}, {}
+      for name, op, args, _ in comps.get(c, []):
+        ops = _OPERAND.findall(args.split(")", 1)[0])
+        if op == "parameter":
+          idx = re.match(r"\s*(\d+)\)", args)
+          if idx:
+            params[int(idx.group(1))] = name
+        if op == "bitcast":
+          via[name] = ops
+        for o in dict.fromkeys(ops):
+          users.setdefault(o, []).append((name, op, ops))
+      parsed[c] = (params, users, via)
+    return parsed[c]
 
   def traffic(name: str, op: str, args: str, rest: str) -> float:
     """HBM bytes of one unfused instruction: what it writes plus what it reads. A slice taken
@@ -299,12 +306,12 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
     callee = re.search(r"calls=%?([\w.\-]+)", rest) if op == "fusion" else None
     if callee is not None:
       fc = callee.group(1)
-      params = params_of(fc)
+      params, users_by, via = fusion_of(fc)
       root = roots.get(fc)
       for j, pname in params.items():
         if j >= len(reads):
           continue
-        users = users_of(fc, pname)
+        users = users_by.get(pname, [])
         if users and all(u_op == "dynamic-slice" and u_ops and u_ops[0] == pname
                          for _, u_op, u_ops in users):
           reads[j] = float(sum(_array_bytes(shapes.get(u)) for u, _, _ in users))
@@ -312,9 +319,6 @@ def loop_aware_cost(hlo_text: str) -> dict[str, float]:
                            for _, u_op, u_ops in users):
           reads[j] = 0.0                        # the buffer updated in place
           # The fusion's result is that update (possibly through a bitcast of it).
-          via = {u: u_ops for u, u_op, u_ops in (
-              (n, o, _OPERAND.findall(a.split(")", 1)[0])) for n, o, a, _ in comps[fc])
-              if u_op == "bitcast"}
           top = via.get(root, [root])[0] if root in via else root
           upd = [u_ops[1] for u, _, u_ops in users if u == top and len(u_ops) > 1]
           out = _array_bytes(shapes.get(upd[0])) if upd else out

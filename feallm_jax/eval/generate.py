@@ -30,6 +30,7 @@ scores over the candidates.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
@@ -371,10 +372,7 @@ def generate(model: nnx.Module, inputs: Mapping[str, Any], cfg: SamplingConfig,
           jnp.float32(max(cfg.temperature, 1e-6)), jnp.float32(cfg.top_p))
   kw = dict(max_new_tokens=cfg.max_new_tokens, greedy=cfg.temperature == 0,
             nucleus=cfg.top_p < 1, mesh=mesh)
-  if mesh is not None:
-    with jax.set_mesh(mesh):
-      tokens, lengths = _generate_jit(*args, **kw)
-  else:
+  with _on(mesh):
     tokens, lengths = _generate_jit(*args, **kw)
   return _rows(tokens, mesh)[:b], _rows(lengths, mesh)[:b]
 
@@ -393,12 +391,14 @@ def visual_tokens(model: nnx.Module, inputs: Mapping[str, Any],
   view = eval_view(model)
   mesh = mesh if mesh is not None else view.mesh
   placed, b = _prepare(view, inputs, mesh, keys=IMAGE_KEYS)
-  if mesh is not None:
-    with jax.set_mesh(mesh):
-      out = _visual_jit(view.graphdef, view.state, placed)
-  else:
+  with _on(mesh):
     out = _visual_jit(view.graphdef, view.state, placed)
   return _rows(out, mesh)[:b]
+
+
+def _on(mesh: Mesh | None):
+  """``jax.set_mesh(mesh)``, or nothing for a model that is not on a mesh."""
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def _rows(x: jax.Array, mesh: Mesh | None) -> np.ndarray:
@@ -488,11 +488,8 @@ def score_candidates(model: nnx.Module, inputs: Mapping[str, Any], cand_ids: np.
   placed, b = _prepare(view, inputs, mesh)
   ids = jnp.asarray(cand_ids, jnp.int32)
   m = jnp.asarray(cand_mask, jnp.int32)
-  if mesh is not None:
-    with jax.set_mesh(mesh):
-      sums = _score_jit(view.graphdef, view.state, placed, ids, m, mesh=mesh)
-  else:
-    sums = _score_jit(view.graphdef, view.state, placed, ids, m, mesh=None)
+  with _on(mesh):
+    sums = _score_jit(view.graphdef, view.state, placed, ids, m, mesh=mesh)
   sums = _rows(sums, mesh).astype(np.float64)[:b]
   if reduction == "mean":
     sums = sums / np.asarray(cand_mask).sum(1)[None]

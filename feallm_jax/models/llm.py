@@ -357,7 +357,8 @@ class Decoder(nnx.Module):
     # Full sequences (training, scoring) keep their batch split over data x fsdp; a decode step
     # does not: with one token per row, batch-split rows would all-gather every FSDP weight per
     # token (the AOT decode step's FLOPs rose 1.6x that way).
-    x = x if cache is not None else sharding.constrain_batch(x)
+    batch_split = sharding.constrain_batch if cache is None else (lambda a: a)
+    x = batch_split(x)
     b, t, _ = x.shape
     index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
     s = cache.max_len if cache is not None else t
@@ -402,13 +403,13 @@ class Decoder(nnx.Module):
       for i, layer in enumerate(self.layers):
         kv = (cache.k[i], cache.v[i]) if cache is not None else None
         x, kv = run(layer, x, cos, sin, mask, kv, index, valid)
-        x = x if cache is not None else sharding.constrain_batch(x)
+        x = batch_split(x)
         if kv is not None:
           new_k.append(kv[0])
           new_v.append(kv[1])
     hidden = self.norm(x)
     logits = self.logits(hidden)
-    logits = logits if cache is not None else sharding.constrain_batch(logits)
+    logits = batch_split(logits)
     out: tuple = (logits,)
     if cache is not None:
       out += (KVCache(k=tuple(new_k), v=tuple(new_v), index=index + t),)

@@ -609,11 +609,10 @@ def run(config, topology: str, *, programs: Sequence[str] = PROGRAMS, top: int =
   if eval_programs:
     st = eval_settings(config, mesh)
     comps = compile_eval(config, model, mesh, eval_programs)
-    for name, comp in comps.items():
-      _write_hlo(hlo_dir, name, comp)
     b = st["padded_batch"]
     s_cache = spec.expanded_length(st["prompt_len"]) + st["max_new_tokens"]
     for name, comp in comps.items():
+      _write_hlo(hlo_dir, name, comp)
       entry = dict(batch=b, prompt_len=st["prompt_len"], max_new_tokens=st["max_new_tokens"],
                    memory=comp.memory, **_fits(comp.memory, chip))
       if name == "prefill":

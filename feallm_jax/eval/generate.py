@@ -87,16 +87,20 @@ class EvalView:
 
 
 def eval_view(model: "nnx.Module | EvalView", *, merge_lora: bool = True,
-              kernels_out_in: bool = True) -> EvalView:
+              kernels_out_in: bool | None = None) -> EvalView:
   """The :class:`EvalView` of ``model`` (a view passes through). ``merge_lora`` folds every
   float32 adapter into its kernel in a copy (``lora.merge``; the caller's model is unchanged):
   one matmul per projection instead of three; bf16 kernels keep their adapters (folding would
   round the sum to bf16). The quickstart's 800 FEABench answers are identical either way.
   ``kernels_out_in`` stores the decoder's kernels and LM head ``[out, in]`` in that copy, the
-  layout a decode step's few-row GEMMs stream fastest on XLA:CPU (``layers.dot_out_in``)."""
+  layout a decode step's few-row GEMMs stream fastest on XLA:CPU (``layers.dot_out_in``); it
+  costs a second copy of every decoder weight, so by default (None) only for a model whose
+  parameters live on CPU, where it was measured."""
   if isinstance(model, EvalView):
     return model
   mesh = _mesh_of(model)
+  if kernels_out_in is None:
+    kernels_out_in = _on_cpu(model)
   graphdef, state = nnx.split(layers.with_dropout(model, False))
   copy = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
   merged = lora_lib.merge(copy, dtype=jnp.float32) if merge_lora else 0
@@ -346,6 +350,14 @@ def _prepare(model, inputs: Mapping[str, Any], mesh: Mesh | None,
   else:
     placed = {k: jnp.asarray(v) for k, v in arrays.items()}
   return placed, b
+
+
+def _on_cpu(model) -> bool:
+  """Whether the model's parameters live on CPU devices."""
+  for leaf in jax.tree.leaves(nnx.state(model)):
+    if isinstance(leaf, jax.Array):
+      return all(d.platform == "cpu" for d in leaf.devices())
+  return False
 
 
 def _mesh_of(model) -> Mesh | None:

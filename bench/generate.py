@@ -10,12 +10,16 @@ prompt is one <image> (expanded to the visual tokens) plus ``--prompt_len`` text
 Measured: wall time of a whole generate call (vision + prefill + decode) with ``--new`` tokens
 (t_new) and with 1 token (t_1, vision + prefill only), each after one warm-up call (so our
 compile time is excluded). Every side (ours; HF PyTorch with all cores and with 1 thread) is
-built first, then the calls
-INTERLEAVE round by round (each round times every side's t_new and t_1), so load from other
-processes on a shared machine hits every side alike; each figure is the median of ``--runs``
-rounds. Decode tokens/s = batch * (new - 1) / (t_new - t_1); end-to-end tokens/s = batch * new /
-t_new. PyTorch side: ``torch.inference_mode()``, ``torch.set_num_threads`` = the cores this
-process may run on (the same cores XLA uses; set again before each of its calls),
+built first, then the calls INTERLEAVE round by round (each round times every side's t_new and
+t_1 back to back; the sides' order rotates each round), so load from other processes on a
+shared machine hits every side alike. A decode step's time is the median over ``--runs`` rounds
+of (t_new - t_1) / (new - 1), each round's pair taken seconds apart (this VM's memory speed
+drifts by tens of % between minutes, and the older median(t_new) - median(t_1), still reported
+as ``*_unpaired``, mixed pairs from different minutes); decode tokens/s = batch / that;
+end-to-end tokens/s = batch * new / median(t_new). ``decode_speedup_per_round`` gives the
+spread of the round-by-round ratio. PyTorch side: ``torch.inference_mode()``,
+``torch.set_num_threads`` = the cores this process may run on (the same cores XLA uses; set
+again before each of its calls),
 ``model.generate(..., do_sample=False, use_cache=True, min_new_tokens=max_new_tokens=new)``
 with the default DynamicCache. No XLA flags are set. The 1-minute load average before/after
 the timed rounds is recorded: compare runs only under similar load. Prints one JSON object.
@@ -33,7 +37,7 @@ config_flags.DEFINE_config_file("config", None, "configs/bench_small.py", lock_c
 flags.DEFINE_integer("batch", 8, "Batch size.")
 flags.DEFINE_integer("prompt_len", 16, "Text tokens after the image.")
 flags.DEFINE_integer("new", 32, "New tokens per row.")
-flags.DEFINE_integer("runs", 3, "Timed runs per measurement (median).")
+flags.DEFINE_integer("runs", 11, "Timed rounds (medians over them).")
 flags.DEFINE_bool("torch", True, "Also measure HF transformers (PyTorch).")
 flags.DEFINE_bool("torch_one_thread_too", True,
                   "Also measure PyTorch with 1 thread: on a loaded machine its OpenMP barriers can "
@@ -91,30 +95,42 @@ def _loadavg() -> float | None:
 
 
 def _timed(runners, n, runs):
-  """Medians of ``run(n)`` / ``run(1)`` calls for every runner, all interleaved: round r times
-  every runner's two calls before round r + 1 starts, so load from other processes hits every
-  side alike. One warm-up of each call first (compile excluded)."""
+  """Every runner's ``run(n)`` and ``run(1)`` times, all interleaved: round r times every
+  runner's two calls, back to back, before round r + 1 starts (the runners' order rotates by
+  one each round, so none always follows the same neighbour), so load from other processes hits
+  every side alike and a round's ``t_n - t_1`` pair is taken seconds apart. One warm-up of each
+  call first (compile excluded)."""
   for run in runners.values():
     run(n)
     run(1)
   times = {name: {n: [], 1: []} for name in runners}
+  names = list(runners)
   load = [_loadavg()]
-  for _ in range(runs):
-    for name, run in runners.items():
+  for r in range(runs):
+    for name in names[r % len(names):] + names[:r % len(names)]:
       for k in (n, 1):
         t0 = time.perf_counter()
-        run(k)
+        runners[name](k)
         times[name][k].append(time.perf_counter() - t0)
   load.append(_loadavg())
-  return {name: (statistics.median(t[n]), t[n], statistics.median(t[1]), t[1], load)
-          for name, t in times.items()}
+  return {name: (t[n], t[1], load) for name, t in times.items()}
 
 
-def _result(backend, b, n, t_n, all_n, t_1, all_1, load):
+def _result(backend, b, n, all_n, all_1, load):
+  """Decode time per step from each round's pair, ``t_n - t_1`` (its median over rounds): the
+  pair is taken seconds apart, so the machine's drift between rounds (this VM's memory speed
+  moves by tens of % minute to minute) cancels; ``ms_per_decode_step_unpaired`` is the older
+  ``median(t_n) - median(t_1)``, reported beside it."""
+  steps = max(n - 1, 1)
+  t_n, t_1 = statistics.median(all_n), statistics.median(all_1)
+  per_round = [(a - c) / steps for a, c in zip(all_n, all_1)]
+  step = statistics.median(per_round)
   return dict(backend=backend, seconds_generate=t_n, seconds_prefill_only=t_1,
               runs_generate=all_n, runs_prefill_only=all_1,
-              ms_per_decode_step=1000 * (t_n - t_1) / max(n - 1, 1),
-              decode_tokens_per_s=b * (n - 1) / max(t_n - t_1, 1e-9),
+              ms_per_decode_step=1000 * step,
+              ms_per_decode_step_per_round=[1000 * x for x in per_round],
+              ms_per_decode_step_unpaired=1000 * (t_n - t_1) / steps,
+              decode_tokens_per_s=b / max(step, 1e-12),
               end_to_end_tokens_per_s=b * n / t_n, loadavg_1min_before_after=load)
 
 
@@ -209,12 +225,13 @@ def main(argv):
   visual = (int(c.model.vision.image_size) // int(c.model.vision.patch_size)) ** 2
   out = dict(batch=b, prompt_text_tokens=t, visual_tokens=visual, new_tokens=n,
       runs=FLAGS.runs, method=(
-          "median wall time of generate(new) and generate(1) calls, every side's calls "
-          "interleaved round by round in this one process, after one warm-up each (compile "
-          "excluded); decode tokens/s = batch*(new-1)/(t_new - t_1); end-to-end tokens/s = "
-          "batch*new/t_new; greedy, float32, exactly new tokens"))
-  for name, (t_n, all_n, t_1, all_1, load) in timed.items():
-    out[name] = _result(labels[name], b, n, t_n, all_n, t_1, all_1, load)
+          "every side's generate(new) and generate(1) calls interleaved round by round in this "
+          "one process (side order rotated each round), after one warm-up each (compile "
+          "excluded); ms per decode step = median over rounds of (t_new - t_1)/(new-1), each "
+          "round's pair taken back to back; decode tokens/s = batch / that; end-to-end "
+          "tokens/s = batch*new/median(t_new); greedy, float32, exactly new tokens"))
+  for name, (all_n, all_1, load) in timed.items():
+    out[name] = _result(labels[name], b, n, all_n, all_1, load)
   if bw is not None:
     prompt = visual + t
     # Ours attends over the fixed-size cache (prompt + new slots); HF's DynamicCache grows,
@@ -231,12 +248,22 @@ def main(argv):
         ms_per_step_at_membw=floor,
         fraction_of_membw={k: floor[k] / out[k]["ms_per_decode_step"] for k in floor if k in out})
   if FLAGS.torch:
-    out["decode_speedup"] = out["ours"]["decode_tokens_per_s"] / out["hf_torch"]["decode_tokens_per_s"]
-    out["end_to_end_speedup"] = (out["ours"]["end_to_end_tokens_per_s"]
-                                 / out["hf_torch"]["end_to_end_tokens_per_s"])
+    ours, hf = out["ours"], out["hf_torch"]
+    out["decode_speedup"] = ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+    out["decode_speedup_unpaired"] = (hf["ms_per_decode_step_unpaired"]
+                                      / ours["ms_per_decode_step_unpaired"])
+    # Round by round (both sides measured within seconds of each other): the spread says how
+    # far one run's ratio can be trusted on this machine.
+    ratios = sorted(h / o for h, o in zip(hf["ms_per_decode_step_per_round"],
+                                         ours["ms_per_decode_step_per_round"]))
+    out["decode_speedup_per_round"] = dict(
+        median=statistics.median(ratios), min=ratios[0], max=ratios[-1],
+        quartiles=statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3)
+    out["end_to_end_speedup"] = (ours["end_to_end_tokens_per_s"]
+                                 / hf["end_to_end_tokens_per_s"])
     best = max((out[k] for k in ("hf_torch", "hf_torch_1thread") if k in out),
                key=lambda r: r["decode_tokens_per_s"])
-    out["decode_speedup_vs_best_torch"] = (out["ours"]["decode_tokens_per_s"]
+    out["decode_speedup_vs_best_torch"] = (ours["decode_tokens_per_s"]
                                            / best["decode_tokens_per_s"])
   print(json.dumps(out, indent=1))
 

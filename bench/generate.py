@@ -27,8 +27,6 @@ the timed rounds is recorded: compare runs only under similar load. Prints one J
 
 import json
 import os
-import statistics
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -85,53 +83,6 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0))
   except AttributeError:  # not Linux
     return os.cpu_count() or 1
-
-
-def _loadavg() -> float | None:
-  try:
-    return os.getloadavg()[0]
-  except OSError:
-    return None
-
-
-def _timed(runners, n, runs):
-  """Every runner's ``run(n)`` and ``run(1)`` times, all interleaved: round r times every
-  runner's two calls, back to back, before round r + 1 starts (the runners' order rotates by
-  one each round, so none always follows the same neighbour), so load from other processes hits
-  every side alike and a round's ``t_n - t_1`` pair is taken seconds apart. One warm-up of each
-  call first (compile excluded)."""
-  for run in runners.values():
-    run(n)
-    run(1)
-  times = {name: {n: [], 1: []} for name in runners}
-  names = list(runners)
-  load = [_loadavg()]
-  for r in range(runs):
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      for k in (n, 1):
-        t0 = time.perf_counter()
-        runners[name](k)
-        times[name][k].append(time.perf_counter() - t0)
-  load.append(_loadavg())
-  return {name: (t[n], t[1], load) for name, t in times.items()}
-
-
-def _result(backend, b, n, all_n, all_1, load):
-  """Decode time per step from each round's pair, ``t_n - t_1`` (its median over rounds): the
-  pair is taken seconds apart, so the machine's drift between rounds (this VM's memory speed
-  moves by tens of % minute to minute) cancels; ``ms_per_decode_step_unpaired`` is the older
-  ``median(t_n) - median(t_1)``, reported beside it."""
-  steps = max(n - 1, 1)
-  t_n, t_1 = statistics.median(all_n), statistics.median(all_1)
-  per_round = [(a - c) / steps for a, c in zip(all_n, all_1)]
-  step = statistics.median(per_round)
-  return dict(backend=backend, seconds_generate=t_n, seconds_prefill_only=t_1,
-              runs_generate=all_n, runs_prefill_only=all_1,
-              ms_per_decode_step=1000 * step,
-              ms_per_decode_step_per_round=[1000 * x for x in per_round],
-              ms_per_decode_step_unpaired=1000 * (t_n - t_1) / steps,
-              decode_tokens_per_s=b / max(step, 1e-12),
-              end_to_end_tokens_per_s=b * n / t_n, loadavg_1min_before_after=load)
 
 
 def jax_runner(c, b, t):
@@ -217,11 +168,12 @@ def main(argv):
     if FLAGS.torch_one_thread_too and threads != 1:
       runners["hf_torch_1thread"], labels["hf_torch_1thread"] = torch_runner(c, b, t, 1)
   try:
-    from bench import membw
-  except ImportError:   # run as a script (python bench/generate.py): membw is a sibling
+    from bench import interleaved, membw
+  except ImportError:   # run as a script (python bench/generate.py): siblings
+    import interleaved
     import membw
   bw = membw.measure(FLAGS.membw_mib, runs=5) if FLAGS.membw_mib else None
-  timed = _timed(runners, n, FLAGS.runs)
+  timed = interleaved.timed(runners, n, FLAGS.runs)
   visual = (int(c.model.vision.image_size) // int(c.model.vision.patch_size)) ** 2
   out = dict(batch=b, prompt_text_tokens=t, visual_tokens=visual, new_tokens=n,
       runs=FLAGS.runs, method=(
@@ -231,7 +183,7 @@ def main(argv):
           "round's pair taken back to back; decode tokens/s = batch / that; end-to-end "
           "tokens/s = batch*new/median(t_new); greedy, float32, exactly new tokens"))
   for name, (all_n, all_1, load) in timed.items():
-    out[name] = _result(labels[name], b, n, all_n, all_1, load)
+    out[name] = interleaved.result(labels[name], b, n, all_n, all_1, load)
   if bw is not None:
     prompt = visual + t
     # Ours attends over the fixed-size cache (prompt + new slots); HF's DynamicCache grows,
@@ -248,23 +200,7 @@ def main(argv):
         ms_per_step_at_membw=floor,
         fraction_of_membw={k: floor[k] / out[k]["ms_per_decode_step"] for k in floor if k in out})
   if FLAGS.torch:
-    ours, hf = out["ours"], out["hf_torch"]
-    out["decode_speedup"] = ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
-    out["decode_speedup_unpaired"] = (hf["ms_per_decode_step_unpaired"]
-                                      / ours["ms_per_decode_step_unpaired"])
-    # Round by round (both sides measured within seconds of each other): the spread says how
-    # far one run's ratio can be trusted on this machine.
-    ratios = sorted(h / o for h, o in zip(hf["ms_per_decode_step_per_round"],
-                                         ours["ms_per_decode_step_per_round"]))
-    out["decode_speedup_per_round"] = dict(
-        median=statistics.median(ratios), min=ratios[0], max=ratios[-1],
-        quartiles=statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3)
-    out["end_to_end_speedup"] = (ours["end_to_end_tokens_per_s"]
-                                 / hf["end_to_end_tokens_per_s"])
-    best = max((out[k] for k in ("hf_torch", "hf_torch_1thread") if k in out),
-               key=lambda r: r["decode_tokens_per_s"])
-    out["decode_speedup_vs_best_torch"] = (ours["decode_tokens_per_s"]
-                                           / best["decode_tokens_per_s"])
+    out.update(interleaved.speedups(out))
   print(json.dumps(out, indent=1))
 
 

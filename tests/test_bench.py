@@ -5,9 +5,10 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
-from bench import membw
+from bench import interleaved, membw
 from feallm_jax import config_files, sharding
 from feallm_jax.models import llm as llm_lib
 
@@ -38,3 +39,33 @@ def test_decode_bytes_equal_the_built_decoder():
   # k and v, per layer: batch x kv heads x slots x head_dim float32 values each.
   l = c.model.llm
   assert membw.kv_cache_bytes(l, 8, 244) == 2 * l.num_layers * 8 * l.num_kv_heads * 244 * l.head_dim * 4
+
+
+def test_generate_bench_pairs_each_round_and_rotates_the_sides():
+  """A decode step is the median of each round's own t_new - t_1 (hand-computed here), not
+  median(t_new) - median(t_1); the sides' order rotates round by round, each side's two calls
+  back to back."""
+  calls = []
+  runners = {name: (lambda k, name=name: calls.append((name, k))) for name in ("a", "b", "c")}
+  interleaved.timed(runners, 5, runs=3)
+  timed_calls = calls[6:]                       # after one warm-up of each call
+  assert timed_calls == [("a", 5), ("a", 1), ("b", 5), ("b", 1), ("c", 5), ("c", 1),
+                         ("b", 5), ("b", 1), ("c", 5), ("c", 1), ("a", 5), ("a", 1),
+                         ("c", 5), ("c", 1), ("a", 5), ("a", 1), ("b", 5), ("b", 1)]
+
+  # new = 3 tokens -> 2 decode steps per call; batch 8.
+  ours = interleaved.result("ours", 8, 3, [1.5, 2.0, 1.4], [1.0, 1.3, 1.1], [0.1, 0.2])
+  assert ours["ms_per_decode_step_per_round"] == pytest.approx([250.0, 350.0, 150.0])
+  assert ours["ms_per_decode_step"] == pytest.approx(250.0)          # median of the pairs
+  assert ours["ms_per_decode_step_unpaired"] == pytest.approx(200.0)  # (1.5 - 1.1) / 2
+  assert ours["decode_tokens_per_s"] == pytest.approx(8 / 0.25)
+  assert ours["end_to_end_tokens_per_s"] == pytest.approx(8 * 3 / 1.5)
+  hf = interleaved.result("hf", 8, 3, [2.0, 2.5, 2.1], [1.0, 1.5, 1.3], [0.1, 0.2])
+  # HF per round: 500, 500, 400 ms -> ratios 2.0, 1.43, 2.67; median of the pairs 500 ms.
+  out = interleaved.speedups({"ours": ours, "hf_torch": hf})
+  assert out["decode_speedup"] == pytest.approx(500 / 250)
+  assert out["decode_speedup_unpaired"] == pytest.approx(((2.1 - 1.3) / 2) / 0.2)
+  assert out["decode_speedup_per_round"]["median"] == pytest.approx(2.0)
+  assert out["decode_speedup_per_round"]["min"] == pytest.approx(500 / 350)
+  assert out["decode_speedup_per_round"]["max"] == pytest.approx(400 / 150)
+  assert out["decode_speedup_vs_best_torch"] == pytest.approx(2.0)

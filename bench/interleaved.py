@@ -57,7 +57,7 @@ def result(backend, b, n, all_n, all_1, load):
 
 
 def speedups(out):
-  """Ours vs HF PyTorch from the sides' ``_result`` entries."""
+  """Ours vs HF PyTorch from the sides' :func:`result` entries."""
   ours, hf = out["ours"], out["hf_torch"]
   # Round by round (both sides measured within seconds of each other): the spread says how far
   # one run's ratio can be trusted on this machine.

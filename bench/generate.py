@@ -8,14 +8,16 @@ greedy, exactly ``--new`` tokens (ours: no EOS id; HF: min_new_tokens = max_new_
 prompt is one <image> (expanded to the visual tokens) plus ``--prompt_len`` text tokens.
 
 Measured: wall time of a whole generate call (vision + prefill + decode) with ``--new`` tokens
-(t_new) and with 1 token (t_1, vision + prefill only), each after one warm-up call (so our
-compile time is excluded). Every side (ours; HF PyTorch with all cores and with 1 thread) is
-built first, then the calls INTERLEAVE round by round (each round times every side's t_new and
-t_1 back to back; the sides' order rotates each round), so load from other processes on a
-shared machine hits every side alike. A decode step's time is the median over ``--runs`` rounds
-of (t_new - t_1) / (new - 1), each round's pair taken seconds apart (this VM's memory speed
-drifts by tens of % between minutes, and the older median(t_new) - median(t_1), still reported
-as ``*_unpaired``, mixed pairs from different minutes); decode tokens/s = batch / that;
+(t_new) and with 1 token (t_1, vision + prefill only; ours: the same ``generate(new)`` program
+stopped after its first token, so both calls prefill the same cache: see ``jax_runner``), each
+after one warm-up call (so our compile time is excluded). Every side (ours; HF PyTorch with all
+cores and with 1 thread) is built first, then the calls INTERLEAVE round by round (each round
+times every side's t_new and t_1 back to back; the sides' order rotates each round), so load
+from other processes on a shared machine hits every side alike. A decode step's time is the
+median over ``--runs`` rounds of (t_new - t_1) / (new - 1), each round's pair taken seconds
+apart (this VM's memory speed drifts by tens of % between minutes, and the older
+median(t_new) - median(t_1), still reported as ``*_unpaired``, mixed pairs from different
+minutes); decode tokens/s = batch / that;
 end-to-end tokens/s = batch * new / median(t_new). ``decode_speedup_per_round`` gives the
 spread of the round-by-round ratio. PyTorch side: ``torch.inference_mode()``,
 ``torch.set_num_threads`` = the cores this process may run on (the same cores XLA uses; set
@@ -85,8 +87,16 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-def jax_runner(c, b, t):
-  """``run(k)`` for our jitted generation at the config's dims, and its label."""
+def jax_runner(c, b, t, n):
+  """``run(k)`` for our jitted generation at the config's dims, and its label.
+
+  ``run(n)`` generates ``n`` tokens. ``run(1)`` is the same ``generate(n)`` call (same program,
+  same prefill into a cache of prompt + ``n`` slots) stopped after its first token: each row's
+  first token is passed as an EOS id, so the while loop runs no step. ``t_n - t_1`` is then
+  exactly ``n - 1`` decode steps. A ``generate(1)`` call would prefill a cache of prompt + 1
+  slots, cheaper than the one inside ``generate(n)``, and the difference would count against
+  our decode step (0.7 ms of ~20 per step at bench_small dims, measured). HF's DynamicCache
+  prefill does not depend on ``max_new_tokens``, so its ``generate(1)`` is already the pair."""
   import jax
   import numpy as np
   from feallm_jax import sharding
@@ -104,9 +114,19 @@ def jax_runner(c, b, t):
 
   view = gen.eval_view(model)    # once, as FEABench does (dropout off, decode layout)
 
+  never = (-1,) * b     # both calls pass b EOS ids: one program (the ids are traced)
+  first, _ = gen.generate(view, batch, gen.SamplingConfig(max_new_tokens=1))
+  stop_at_first = tuple(sorted({int(x) for x in first[:, 0]}))
+  stop_at_first += never[len(stop_at_first):]
+
   def run(k):
-    tokens, _ = gen.generate(view, batch, gen.SamplingConfig(max_new_tokens=k))
-    assert tokens.shape == (b, k)
+    if k not in (1, n):
+      raise ValueError(f"jax_runner: run({k}); this runner times {n} and 1 tokens")
+    eos = stop_at_first if k == 1 else never
+    tokens, lengths = gen.generate(view, batch, gen.SamplingConfig(max_new_tokens=n,
+                                                                   eos_ids=eos))
+    assert tokens.shape == (b, n)
+    assert (lengths == (1 if k == 1 else n)).all(), lengths
   return run, (f"jax {jax.__version__} ({jax.devices()[0].platform}, {jax.device_count()} "
                f"device(s), {_cores()} cores)")
 
@@ -161,7 +181,7 @@ def main(argv):
   c = _config()
   b, t, n = FLAGS.batch, FLAGS.prompt_len, FLAGS.new
   runners, labels = {}, {}
-  runners["ours"], labels["ours"] = jax_runner(c, b, t)
+  runners["ours"], labels["ours"] = jax_runner(c, b, t, n)
   threads = FLAGS.torch_threads or _cores()
   if FLAGS.torch:
     runners["hf_torch"], labels["hf_torch"] = torch_runner(c, b, t, threads)
@@ -177,7 +197,8 @@ def main(argv):
   visual = (int(c.model.vision.image_size) // int(c.model.vision.patch_size)) ** 2
   out = dict(batch=b, prompt_text_tokens=t, visual_tokens=visual, new_tokens=n,
       runs=FLAGS.runs, method=(
-          "every side's generate(new) and generate(1) calls interleaved round by round in this "
+          "every side's generate(new) and generate(1) calls (ours: the same generate(new) "
+          "stopped after its first token) interleaved round by round in this "
           "one process (side order rotated each round), after one warm-up each (compile "
           "excluded); ms per decode step = median over rounds of (t_new - t_1)/(new-1), each "
           "round's pair taken back to back; decode tokens/s = batch / that; end-to-end "

@@ -104,6 +104,54 @@ def test_kv_cache_token_by_token(which, llama_dir, qwen_dir):
   assert err < 1e-5
 
 
+def test_prefill_into_an_empty_cache_attends_over_its_own_keys(llama_dir):
+  """``empty_cache=True`` (generation's prefill): the same logits and the same cache as the
+  prefill that reads every slot, decoding on from either cache gives the same logits, and the
+  compiled attention reads T keys, not S slots (its cost then does not grow with the room kept
+  for new tokens)."""
+  model = hf.load_llm(llama_dir)
+  b, t, s = 2, 9, 40
+  ids = _ids(b, t + 3, seed=5)
+  mask, pos = _left_padded(ids, [4, 0])
+  graphdef, state = nnx.split(model)
+
+  def step(state, ids, slots, pos, cache, empty):
+    return nnx.merge(graphdef, state)(ids, attention_mask=slots, positions=pos, cache=cache,
+                                      empty_cache=empty)
+  step_jit = jax.jit(step, static_argnames="empty")
+  slots = np.zeros((b, s), np.int32)
+  slots[:, :t] = mask[:, :t]
+  args = (jnp.asarray(ids[:, :t]), jnp.asarray(slots), jnp.asarray(pos[:, :t]))
+  runs = {}
+  for empty in (False, True):
+    logits, cache = step_jit(state, *args, model.init_cache(b, s), empty=empty)
+    out, sl = [np.asarray(logits)], slots.copy()
+    for i in range(t, t + 3):       # decode on, one token at a time, from that cache
+      sl[:, i] = 1
+      lg, cache = step_jit(state, jnp.asarray(ids[:, i:i + 1]), jnp.asarray(sl),
+                           jnp.asarray(pos[:, i:i + 1]), cache, empty=False)
+      out.append(np.asarray(lg))
+    runs[empty] = (np.concatenate(out, axis=1), cache)
+  valid = np.concatenate([mask[:, :t], np.ones((b, 3), mask.dtype)], axis=1).astype(bool)
+  assert fx.rel_err(runs[True][0][valid], runs[False][0][valid]) < 1e-6
+  assert np.all(np.isfinite(runs[True][0]))
+  for a, c in zip(runs[True][1].k + runs[True][1].v, runs[False][1].k + runs[False][1].v):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-6, atol=1e-6)
+  assert int(runs[True][1].index) == t + 3
+
+  def attention_widths(empty):
+    """Last dims of the [B, Hkv, G*T, keys] attention logits in the program."""
+    hlo = step_jit.lower(state, *args, model.init_cache(b, s), empty=empty).as_text()
+    g = model.cfg.num_heads // model.cfg.num_kv_heads
+    head = f"tensor<{b}x{model.cfg.num_kv_heads}x{g * t}x"
+    dims = (seg.split("x")[0] for seg in hlo.split(head)[1:])
+    return {int(d) for d in dims if d.isdigit()} & {t, s}
+  assert attention_widths(True) == {t}
+  assert attention_widths(False) == {s}
+  with pytest.raises(ValueError, match="empty_cache=True needs a cache"):
+    model(jnp.asarray(ids[:, :t]), empty_cache=True)
+
+
 def test_jit_split_merge_remat_and_bf16(llama_dir):
   """remat=True against remat=False on the same weights: the full logits and every gradient
   (the loss weighs each logit differently, so each position and vocab entry matters), with

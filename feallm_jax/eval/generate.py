@@ -186,7 +186,7 @@ def _prefill(model, inputs, extra_len: int, mesh: Mesh | None):
   # slot (the full [B, L, V] logits are then dead code that XLA drops) saves a [B*L, D] x [D, V]
   # matmul — for 8 x 212 prompt slots and an 8k vocab, more FLOPs than the whole decoder.
   _, cache, hidden = dec(inputs_embeds=embeds, positions=positions, attention_mask=cache_mask,
-                         cache=cache, return_hidden=True)
+                         cache=cache, return_hidden=True, empty_cache=True)
   last_logits = dec.logits(hidden[:, -1:])[:, 0]
   next_pos = positions[:, -1] + 1
   return last_logits, cache, cache_mask, next_pos

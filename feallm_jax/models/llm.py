@@ -206,12 +206,14 @@ class Attention(nnx.Module):
     v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     if kv is not None:
       ck, cv = kv  # [B, Hkv, S, Dh]; only the T new slots are written (in place under jit)
-      ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype),
-                                        (0, 0, index, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype),
-                                        (0, 0, index, 0))
+      kh, vh = k.transpose(0, 2, 1, 3).astype(ck.dtype), v.transpose(0, 2, 1, 3).astype(cv.dtype)
+      ck = jax.lax.dynamic_update_slice(ck, kh, (0, 0, index, 0))
+      cv = jax.lax.dynamic_update_slice(cv, vh, (0, 0, index, 0))
       kv = (ck, cv)
-      out = layers.cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask)
+      # A mask over T keys (not S slots) means the cache held nothing before these tokens
+      # (``LLM.__call__(empty_cache=True)``): their own keys are all there is to read.
+      keys, values = (ck, cv) if mask.shape[-1] == ck.shape[2] else (kh, vh)
+      out = layers.cached_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask)
     else:   # full causal sequence (training, scoring): a flash kernel may serve it
       out = attention_kernels.causal_attention(q, k, v, valid=valid, impl=self.impl)
     return self.o(out.reshape(b, t, self.num_heads * self.head_dim)), kv
@@ -342,9 +344,15 @@ class Decoder(nnx.Module):
 
   def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
-               cache: KVCache | None = None, return_hidden: bool = False):
+               cache: KVCache | None = None, return_hidden: bool = False,
+               empty_cache: bool = False):
     """Returns ``logits`` (no cache) or ``(logits, new_cache)``; with ``return_hidden`` the final
-    normed hidden states ``[B,T,D]`` are appended as the last element of a tuple."""
+    normed hidden states ``[B,T,D]`` are appended as the last element of a tuple.
+
+    ``empty_cache``: the cache holds nothing yet (a prefill from :meth:`init_cache`, index 0):
+    the tokens attend over their own T keys instead of all S slots, most of them still empty
+    (the same result; a prefill's attention then costs the same whatever room the cache keeps
+    for new tokens). ``attention_mask`` still spans every cache slot."""
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("llm: pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
@@ -378,12 +386,15 @@ class Decoder(nnx.Module):
     # own slot so rows of padding queries stay finite (their outputs are ignored). Without one,
     # the attention kernel builds the same mask from ``valid`` (or never materializes it).
     mask = valid = None
+    if empty_cache and cache is None:
+      raise ValueError("llm: empty_cache=True needs a cache")
     if cache is not None:
-      q_slot = jnp.arange(t)[:, None] + index
-      k_slot = jnp.arange(s)[None, :]
+      keys = t if empty_cache else s
+      q_slot = jnp.arange(t)[:, None] + (0 if empty_cache else index)
+      k_slot = jnp.arange(keys)[None, :]
       mask = (k_slot <= q_slot)[None, None]
       if attention_mask is not None:
-        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+        mask = mask & attention_mask[:, :keys].astype(bool)[:, None, None, :]
       mask = mask | (k_slot == q_slot)[None, None]
     else:
       valid = attention_mask

@@ -350,9 +350,9 @@ class Decoder(nnx.Module):
     normed hidden states ``[B,T,D]`` are appended as the last element of a tuple.
 
     ``empty_cache``: the cache holds nothing yet (a prefill from :meth:`init_cache`, index 0):
-    the tokens attend over their own T keys instead of all S slots, most of them still empty
-    (the same result; a prefill's attention then costs the same whatever room the cache keeps
-    for new tokens). ``attention_mask`` still spans every cache slot."""
+    the tokens attend over their own T keys instead of all S slots, the ones after them still
+    empty (the same result; a prefill's attention then costs the same whatever room the cache
+    keeps for new tokens). ``attention_mask`` still spans every cache slot."""
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("llm: pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:

@@ -115,7 +115,8 @@ def jax_runner(c, b, t, n):
   view = gen.eval_view(model)    # once, as FEABench does (dropout off, decode layout)
 
   never = (-1,) * b     # both calls pass b EOS ids: one program (the ids are traced)
-  first, _ = gen.generate(view, batch, gen.SamplingConfig(max_new_tokens=1))
+  # The first tokens from that same program (it also compiles it: no second program to build).
+  first, _ = gen.generate(view, batch, gen.SamplingConfig(max_new_tokens=n, eos_ids=never))
   stop_at_first = tuple(sorted({int(x) for x in first[:, 0]}))
   stop_at_first += never[len(stop_at_first):]
 

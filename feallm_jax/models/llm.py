@@ -211,7 +211,7 @@ class Attention(nnx.Module):
       cv = jax.lax.dynamic_update_slice(cv, vh, (0, 0, index, 0))
       kv = (ck, cv)
       # A mask over T keys (not S slots) means the cache held nothing before these tokens
-      # (``LLM.__call__(empty_cache=True)``): their own keys are all there is to read.
+      # (``Decoder.__call__(empty_cache=True)``): their own keys are all there is to read.
       keys, values = (ck, cv) if mask.shape[-1] == ck.shape[2] else (kh, vh)
       out = layers.cached_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask)
     else:   # full causal sequence (training, scoring): a flash kernel may serve it

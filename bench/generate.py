@@ -23,8 +23,11 @@ spread of the round-by-round ratio. PyTorch side: ``torch.inference_mode()``,
 ``torch.set_num_threads`` = the cores this process may run on (the same cores XLA uses; set
 again before each of its calls),
 ``model.generate(..., do_sample=False, use_cache=True, min_new_tokens=max_new_tokens=new)``
-with the default DynamicCache. No XLA flags are set. The 1-minute load average before/after
-the timed rounds is recorded: compare runs only under similar load. Prints one JSON object.
+with the default DynamicCache. Ours runs tensor-parallel over ``--tensor`` XLA CPU devices
+(default: one per core, as PyTorch gets one thread per core; ``jax_num_cpu_devices``, no other
+XLA flags), and with ``--one_device_too`` also on one device (side ``ours_one_device``,
+``decode_speedup_one_device``). The 1-minute load average before/after the timed rounds is
+recorded: compare runs only under similar load. Prints one JSON object.
 """
 
 import json
@@ -45,6 +48,15 @@ flags.DEFINE_bool("torch_one_thread_too", True,
                   "PyTorch setting are reported too (decode_speedup_vs_best_torch).")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = the cores this process "
                      "may run on, i.e. os.sched_getaffinity).")
+flags.DEFINE_integer("tensor", 0, "Ours: split the cores into this many XLA CPU devices and run "
+                     "tensor-parallel over them (mesh tensor axis; heads, MLP and vocab split, "
+                     "one all-reduce after attention and one after the MLP per layer). 0 = the "
+                     "most, up to the cores this process may run on, that the model's dims "
+                     "split into. On CPU the attention's batched dots run one thread per device, so the "
+                     "split is how they use every core (measured in-process: 1.07-1.11x per "
+                     "step at bench_small dims on 2 cores).")
+flags.DEFINE_bool("one_device_too", True, "With --tensor > 1, also measure ours on one device "
+                  "(side ours_one_device) so the split's gain is seen in the same run.")
 flags.DEFINE_integer("membw_mib", 512, "MiB per array for the STREAM-style bandwidth measured "
                      "first (bench/membw.py); the decode step's bytes are set against it "
                      "(0 = skip).")
@@ -76,7 +88,7 @@ def _config():
   if int(c.model.llm.get("vocab_size", 0)) <= 0:
     c.model.llm.vocab_size = DEFAULT["llm"]["vocab_size"]
   c.model.image_token_id = int(c.model.llm.vocab_size) - 1
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = dict(data=1, fsdp=1, tensor=1)
   return c
 
 
@@ -87,7 +99,7 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-def jax_runner(c, b, t, n):
+def jax_runner(c, b, t, n, tensor=1):
   """``run(k)`` for our jitted generation at the config's dims, and its label.
 
   ``run(n)`` generates ``n`` tokens. ``run(1)`` is the same ``generate(n)`` call (same program,
@@ -96,13 +108,17 @@ def jax_runner(c, b, t, n):
   exactly ``n - 1`` decode steps. A ``generate(1)`` call would prefill a cache of prompt + 1
   slots, cheaper than the one inside ``generate(n)``, and the difference would count against
   our decode step (0.7 ms of ~20 per step at bench_small dims, measured). HF's DynamicCache
-  prefill does not depend on ``max_new_tokens``, so its ``generate(1)`` is already the pair."""
+  prefill does not depend on ``max_new_tokens``, so its ``generate(1)`` is already the pair.
+
+  ``tensor``: the model on a ``tensor``-way mesh over the first ``tensor`` devices."""
   import jax
   import numpy as np
   from feallm_jax import sharding
   from feallm_jax.eval import generate as gen
   from feallm_jax.models import feallm
-  mesh = sharding.make_mesh(dict(c.mesh))
+  if jax.device_count() < tensor:
+    raise ValueError(f"--tensor={tensor} needs {tensor} devices, {jax.device_count()} present")
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=tensor), jax.devices()[:tensor])
   model = feallm.build_model(c, mesh)
   s = int(c.model.vision.image_size)
   rng = np.random.default_rng(0)
@@ -128,8 +144,8 @@ def jax_runner(c, b, t, n):
                                                                    eos_ids=eos))
     assert tokens.shape == (b, n)
     assert (lengths == (1 if k == 1 else n)).all(), lengths
-  return run, (f"jax {jax.__version__} ({jax.devices()[0].platform}, {jax.device_count()} "
-               f"device(s), {_cores()} cores)")
+  return run, (f"jax {jax.__version__} ({jax.devices()[0].platform}, mesh tensor={tensor} of "
+               f"{jax.device_count()} device(s), {_cores()} cores)")
 
 
 def torch_runner(c, b, t, threads):
@@ -181,18 +197,29 @@ def main(argv):
   del argv
   c = _config()
   b, t, n = FLAGS.batch, FLAGS.prompt_len, FLAGS.new
+  try:
+    from bench import cpu_split, interleaved, membw
+  except ImportError:   # run as a script (python bench/generate.py): siblings
+    import cpu_split
+    import interleaved
+    import membw
+  tensor = cpu_split.tensor_size(c, FLAGS.tensor, _cores())
+  import jax
+  if tensor > 1:
+    # Before any backend starts (nothing above touched a device): the CPU client gets one
+    # device per split. An accelerator's devices are what they are: auto (0) means 1 there.
+    jax.config.update("jax_num_cpu_devices", tensor)
+    if FLAGS.tensor == 0 and jax.default_backend() != "cpu":
+      tensor = 1
   runners, labels = {}, {}
-  runners["ours"], labels["ours"] = jax_runner(c, b, t, n)
+  runners["ours"], labels["ours"] = jax_runner(c, b, t, n, tensor)
+  if tensor > 1 and FLAGS.one_device_too:
+    runners["ours_one_device"], labels["ours_one_device"] = jax_runner(c, b, t, n, 1)
   threads = FLAGS.torch_threads or _cores()
   if FLAGS.torch:
     runners["hf_torch"], labels["hf_torch"] = torch_runner(c, b, t, threads)
     if FLAGS.torch_one_thread_too and threads != 1:
       runners["hf_torch_1thread"], labels["hf_torch_1thread"] = torch_runner(c, b, t, 1)
-  try:
-    from bench import interleaved, membw
-  except ImportError:   # run as a script (python bench/generate.py): siblings
-    import interleaved
-    import membw
   bw = membw.measure(FLAGS.membw_mib, runs=5) if FLAGS.membw_mib else None
   timed = interleaved.timed(runners, n, FLAGS.runs)
   visual = (int(c.model.vision.image_size) // int(c.model.vision.patch_size)) ** 2
@@ -223,6 +250,11 @@ def main(argv):
         fraction_of_membw={k: floor[k] / out[k]["ms_per_decode_step"] for k in floor if k in out})
   if FLAGS.torch:
     out.update(interleaved.speedups(out))
+    if "ours_one_device" in out:
+      one = interleaved.speedups(dict(out, ours=out["ours_one_device"]))
+      out["decode_speedup_one_device"] = one["decode_speedup"]
+      out["decode_speedup_one_device_per_round"] = one["decode_speedup_per_round"]
+  out["tensor"] = tensor
   print(json.dumps(out, indent=1))
 
 

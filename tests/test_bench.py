@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bench import interleaved, membw
+from bench import cpu_split, interleaved, membw
 from feallm_jax import config_files, sharding
 from feallm_jax.models import llm as llm_lib
 
@@ -69,3 +69,20 @@ def test_generate_bench_pairs_each_round_and_rotates_the_sides():
   assert out["decode_speedup_per_round"]["min"] == pytest.approx(500 / 350)
   assert out["decode_speedup_per_round"]["max"] == pytest.approx(400 / 150)
   assert out["decode_speedup_vs_best_torch"] == pytest.approx(2.0)
+
+
+def test_generate_bench_tensor_split_follows_the_cores_and_the_model_dims():
+  """``--tensor=0`` takes the most devices, up to the cores, that every split dim (heads, kv
+  heads, MLP widths, vocab, vision heads) divides by; an explicit split that does not divide
+  them is refused naming the flag."""
+  c = config_files.get_config(os.path.join(ROOT, "configs", "bench_small.py"))
+  # bench_small: 8 heads, 8 kv heads, MLP 1376, vocab 8000, vision 6 heads, MLP 1536.
+  assert cpu_split.tensor_size(c, 0, 1) == 1
+  assert cpu_split.tensor_size(c, 0, 2) == 2
+  assert cpu_split.tensor_size(c, 0, 4) == 2      # 6 vision heads do not split 4 ways
+  assert cpu_split.tensor_size(c, 0, 3) == 2
+  assert cpu_split.tensor_size(c, 1, 2) == 1
+  with pytest.raises(ValueError, match=r"--tensor=4 .*not: \[6\]"):
+    cpu_split.tensor_size(c, 4, 8)
+  with pytest.raises(ValueError, match="--tensor=-1"):
+    cpu_split.tensor_size(c, -1, 2)

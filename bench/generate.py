@@ -3,7 +3,8 @@
   python bench/generate.py --config=configs/bench_small.py [--batch=8 --prompt_len=16 --new=32]
 
 Both models: random init at the config's dims, plain 2-layer MLP projector on the CLIP layer -2
-features (class token dropped: 196 visual tokens at 224/16), no Local Clue Aggregator, float32,
+features (class token dropped: 196 visual tokens at 224/16), no Local Clue Aggregator, float32
+(``--matmul_dtype`` narrows our decoder's matmuls, ``--torch_dtype`` HF's model, to bfloat16),
 greedy, exactly ``--new`` tokens (ours: no EOS id; HF: min_new_tokens = max_new_tokens). The
 prompt is one <image> (expanded to the visual tokens) plus ``--prompt_len`` text tokens.
 
@@ -55,6 +56,11 @@ flags.DEFINE_integer("tensor", 0, "Ours: split the cores into this many XLA CPU 
                      "split into. On CPU the attention's batched dots run one thread per device, so the "
                      "split is how they use every core (measured in-process: 1.07-1.11x per "
                      "step at bench_small dims on 2 cores).")
+flags.DEFINE_enum("matmul_dtype", "float32", ["float32", "bfloat16"],
+                  "Ours: the evaluation view's decoder matmuls (config.eval.matmul_dtype); with "
+                  "bfloat16 the greedy tokens' agreement with float32 is reported too. HF stays "
+                  "float32 unless --torch_dtype says otherwise.")
+flags.DEFINE_enum("torch_dtype", "float32", ["float32", "bfloat16"], "HF PyTorch model dtype.")
 flags.DEFINE_bool("one_device_too", True, "With --tensor > 1, also measure ours on one device "
                   "(side ours_one_device) so the split's gain is seen in the same run.")
 flags.DEFINE_integer("membw_mib", 512, "MiB per array for the STREAM-style bandwidth measured "
@@ -99,8 +105,9 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-def jax_runner(c, b, t, n, tensor=1):
-  """``run(k)`` for our jitted generation at the config's dims, and its label.
+def jax_runner(c, b, t, n, tensor=1, matmul_dtype="float32"):
+  """``run(k)`` for our jitted generation at the config's dims, its label, and (for a
+  ``matmul_dtype`` other than float32) the agreement of its ``n`` greedy tokens with float32's.
 
   ``run(n)`` generates ``n`` tokens. ``run(1)`` is the same ``generate(n)`` call (same program,
   same prefill into a cache of prompt + ``n`` slots) stopped after its first token: each row's
@@ -110,7 +117,8 @@ def jax_runner(c, b, t, n, tensor=1):
   our decode step (0.7 ms of ~20 per step at bench_small dims, measured). HF's DynamicCache
   prefill does not depend on ``max_new_tokens``, so its ``generate(1)`` is already the pair.
 
-  ``tensor``: the model on a ``tensor``-way mesh over the first ``tensor`` devices."""
+  ``tensor``: the model on a ``tensor``-way mesh over the first ``tensor`` devices.
+  ``matmul_dtype``: the evaluation view's (``generate.eval_view``)."""
   import jax
   import numpy as np
   from feallm_jax import sharding
@@ -128,11 +136,23 @@ def jax_runner(c, b, t, n, tensor=1):
                regions=np.zeros((b, 16, 4), np.float32), input_ids=ids,
                attention_mask=np.ones_like(ids))
 
-  view = gen.eval_view(model)    # once, as FEABench does (dropout off, decode layout)
+  # Once, as FEABench does (dropout off, decode layout).
+  view = gen.eval_view(model, matmul_dtype=matmul_dtype)
 
   never = (-1,) * b     # both calls pass b EOS ids: one program (the ids are traced)
   # The first tokens from that same program (it also compiles it: no second program to build).
   first, _ = gen.generate(view, batch, gen.SamplingConfig(max_new_tokens=n, eos_ids=never))
+  agreement = None
+  if matmul_dtype != "float32":
+    ref, _ = gen.generate(gen.eval_view(model), batch,
+                          gen.SamplingConfig(max_new_tokens=n, eos_ids=never))
+    same = np.asarray(first) == np.asarray(ref)
+    # Up to each row's first difference: after it the two continue from different tokens.
+    upto = np.where(same.all(1), n, np.argmin(same, axis=1))
+    agreement = dict(tokens_equal=float(same.mean()), rows_identical=float(same.all(1).mean()),
+                     mean_tokens_before_first_difference=float(upto.mean()),
+                     note="random-init weights at the config's dims: greedy rows repeat a few "
+                          "tokens; a trained model's answers are the real test")
   stop_at_first = tuple(sorted({int(x) for x in first[:, 0]}))
   stop_at_first += never[len(stop_at_first):]
 
@@ -145,11 +165,12 @@ def jax_runner(c, b, t, n, tensor=1):
     assert tokens.shape == (b, n)
     assert (lengths == (1 if k == 1 else n)).all(), lengths
   return run, (f"jax {jax.__version__} ({jax.devices()[0].platform}, mesh tensor={tensor} of "
-               f"{jax.device_count()} device(s), {_cores()} cores)")
+               f"{jax.device_count()} device(s), {_cores()} cores, {matmul_dtype} matmuls)"), \
+      agreement
 
 
-def torch_runner(c, b, t, threads):
-  """``run(k)`` for HF PyTorch LLaVA at the same dims, and its label."""
+def torch_runner(c, b, t, threads, dtype="float32"):
+  """``run(k)`` for HF PyTorch LLaVA at the same dims (in ``dtype``), and its label."""
   import torch
   from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
   torch.set_num_threads(threads)
@@ -170,11 +191,12 @@ def torch_runner(c, b, t, threads):
   cfg = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_index=image_id,
                     projector_hidden_act="gelu", vision_feature_layer=-2,
                     vision_feature_select_strategy="default", image_seq_length=n_vis)
-  model = LlavaForConditionalGeneration(cfg).eval()
+  model = LlavaForConditionalGeneration(cfg).eval().to(getattr(torch, dtype))
   g = torch.Generator().manual_seed(0)
   text = torch.randint(10, vocab - 1, (b, t), generator=g)
   ids = torch.cat([torch.full((b, n_vis), image_id), text], dim=1)
-  pixels = torch.randn(b, 3, int(v.image_size), int(v.image_size), generator=g)
+  pixels = torch.randn(b, 3, int(v.image_size), int(v.image_size), generator=g).to(
+      getattr(torch, dtype))
   mask = torch.ones_like(ids)
 
   def run(k):
@@ -184,7 +206,7 @@ def torch_runner(c, b, t, threads):
                            use_cache=True, pad_token_id=0, eos_token_id=None)
     assert out.shape[1] - ids.shape[1] == k, out.shape
   import transformers
-  label = (f"torch {torch.__version__} CPU ({threads} threads), transformers "
+  label = (f"torch {torch.__version__} CPU ({threads} threads, {dtype}), transformers "
            f"{transformers.__version__}, LlavaForConditionalGeneration.generate (DynamicCache)")
 
   def run_threads(k):
@@ -212,14 +234,16 @@ def main(argv):
     if FLAGS.tensor == 0 and jax.default_backend() != "cpu":
       tensor = 1
   runners, labels = {}, {}
-  runners["ours"], labels["ours"] = jax_runner(c, b, t, n, tensor)
+  runners["ours"], labels["ours"], agreement = jax_runner(c, b, t, n, tensor, FLAGS.matmul_dtype)
   if tensor > 1 and FLAGS.one_device_too:
-    runners["ours_one_device"], labels["ours_one_device"] = jax_runner(c, b, t, n, 1)
+    runners["ours_one_device"], labels["ours_one_device"], _ = jax_runner(
+        c, b, t, n, 1, FLAGS.matmul_dtype)
   threads = FLAGS.torch_threads or _cores()
   if FLAGS.torch:
-    runners["hf_torch"], labels["hf_torch"] = torch_runner(c, b, t, threads)
+    runners["hf_torch"], labels["hf_torch"] = torch_runner(c, b, t, threads, FLAGS.torch_dtype)
     if FLAGS.torch_one_thread_too and threads != 1:
-      runners["hf_torch_1thread"], labels["hf_torch_1thread"] = torch_runner(c, b, t, 1)
+      runners["hf_torch_1thread"], labels["hf_torch_1thread"] = torch_runner(
+          c, b, t, 1, FLAGS.torch_dtype)
   bw = membw.measure(FLAGS.membw_mib, runs=5) if FLAGS.membw_mib else None
   timed = interleaved.timed(runners, n, FLAGS.runs)
   visual = (int(c.model.vision.image_size) // int(c.model.vision.patch_size)) ** 2
@@ -230,7 +254,8 @@ def main(argv):
           "one process (side order rotated each round), after one warm-up each (compile "
           "excluded); ms per decode step = median over rounds of (t_new - t_1)/(new-1), each "
           "round's pair taken back to back; decode tokens/s = batch / that; end-to-end "
-          "tokens/s = batch*new/median(t_new); greedy, float32, exactly new tokens"))
+          "tokens/s = batch*new/median(t_new); greedy, exactly new tokens; ours: "
+          f"{FLAGS.matmul_dtype} decoder matmuls, HF: {FLAGS.torch_dtype}"))
   for name, (all_n, all_1, load) in timed.items():
     out[name] = interleaved.result(labels[name], b, n, all_n, all_1, load)
   if bw is not None:
@@ -255,6 +280,9 @@ def main(argv):
       out["decode_speedup_one_device"] = one["decode_speedup"]
       out["decode_speedup_one_device_per_round"] = one["decode_speedup_per_round"]
   out["tensor"] = tensor
+  out["matmul_dtype"] = FLAGS.matmul_dtype
+  if agreement is not None:
+    out["ours_vs_float32_tokens"] = agreement
   print(json.dumps(out, indent=1))
 
 

@@ -131,4 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.max_new_tokens = 64     # longest synthetic answer is 58 tokens
   e.batch_size = 64
   e.num_samples = 200       # per task; 0 = the whole split
+  # The decoder's matmuls in evaluation (generate / score / predict): "bfloat16" halves the
+  # bytes a decode step streams (bf16 kernels, float32 accumulation); not bit-identical.
+  e.matmul_dtype = "float32"
   return c

@@ -205,6 +205,16 @@ def check_run_numbers(config) -> list[Problem]:
   return out
 
 
+def check_eval_settings(config) -> list[Problem]:
+  """Evaluation settings that would otherwise fail only when the first batch is answered."""
+  from feallm_jax.eval import generate as gen
+  matmul = str(config.eval.get("matmul_dtype", "float32"))
+  if matmul not in gen.MATMUL_DTYPES:
+    return [Problem("eval", f"eval.matmul_dtype={matmul!r} is not one of {gen.MATMUL_DTYPES}",
+                    "--config.eval.matmul_dtype=float32 (or bfloat16)")]
+  return []
+
+
 def _split_parts(split: str) -> list[str]:
   return [s.split("[")[0] for s in split.split("+") if s]
 
@@ -459,6 +469,7 @@ def run(config, workdir: str | None = None, *, train: bool = True):
     problems += check_train_data(config)
   if not train or evaluates(config):
     problems += check_suites(config)
+    problems += check_eval_settings(config)
   tok_problems = check_tokenizer(resolved)
   problems += tok_problems
   problems += check_mesh_and_batch(config) if train else []

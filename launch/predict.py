@@ -109,6 +109,9 @@ def main(argv):
   from feallm_jax import preflight
   try:
     config = preflight.resolve_backbones(config)   # the towers' own image size and patch grid
+    problems = preflight.check_eval_settings(config)
+    if problems:
+      raise preflight.PreflightError(problems)
   except preflight.PreflightError as e:
     fail(EXIT_NO_MODEL, str(e))
   from feallm_jax.data import pipeline, regions, tokenizer as tok_lib
@@ -132,7 +135,8 @@ def main(argv):
   sampling = gen.SamplingConfig(
       max_new_tokens=FLAGS.max_new_tokens or int(config.eval.get("max_new_tokens", 48)),
       eos_ids=feabench.eos_ids(tok), pad_id=int(tok.pad_token_id))
-  tokens, lengths = gen.generate(model, batch, sampling)
+  view = gen.eval_view(model, matmul_dtype=str(config.eval.get("matmul_dtype", "float32")))
+  tokens, lengths = gen.generate(view, batch, sampling)
   answer = gen.decode_tokens(tok, tokens, lengths, sampling.eos_ids)[0]
   print(answer)
   if FLAGS.explain:

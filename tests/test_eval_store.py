@@ -56,12 +56,15 @@ def test_settings_key_changes_with_every_setting_that_changes_the_numbers(tmp_pa
   keys = {key}
   for path, value in [("eval.num_samples", 5), ("eval.max_new_tokens", 9),
                       ("eval.temperature", 0.7), ("eval.top_p", 0.9), ("seed", 1),
-                      ("data.max_len", 40), ("data.builder_config", "default")]:
+                      ("data.max_len", 40), ("data.builder_config", "default"),
+                      ("eval.matmul_dtype", "bfloat16")]:
     c = config.copy_and_resolve_references()
     section, _, name = path.rpartition(".")
     (c[section] if section else c)[name] = value
     keys.add(store.settings_key(feabench.eval_settings(c, suites, mode)))
-  assert len(keys) == 8                                               # each one moved the key
+  assert len(keys) == 9                                               # each one moved the key
+  # float32 matmuls (the default) are not written: evaluations keep the keys they had before.
+  assert "matmul_dtype" not in base
   # Batch size changes no number; in score mode on FER alone nothing is generated, so the
   # generation settings are not part of that evaluation's key.
   c = config.copy_and_resolve_references()

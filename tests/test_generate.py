@@ -428,6 +428,72 @@ def test_eval_view_stores_decoder_kernels_out_in_on_a_tensor_parallel_mesh(devic
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_eval_view_bfloat16_matmuls_round_their_inputs_and_accumulate_in_float32(devices, tied):
+  """``matmul_dtype="bfloat16"``: the view's decoder kernels and LM head are the float32 ones
+  rounded to bfloat16 (a tied head gets its own copy; the embedding table stays float32), each
+  projection equals a hand-computed float64 product of bfloat16-rounded inputs and kernel,
+  every decoder dot compiles bf16 x bf16 -> f32, logits stay within bf16 rounding of float32's
+  (and differ from them), and the caller's model is untouched."""
+  import ml_dtypes
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  cfg = llm.LLMConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=tied)
+  with sharding.mesh_rules(mesh):
+    dec = llm.Decoder(cfg, rngs=nnx.Rngs(7))
+  with pytest.raises(ValueError, match=r"config\.eval\.matmul_dtype"):
+    gen.eval_view(dec, matmul_dtype="float16")
+  view = gen.eval_view(dec, matmul_dtype="bfloat16")
+  f32 = gen.eval_view(dec)
+  narrow = nnx.merge(view.graphdef, view.state)
+  wide = nnx.merge(f32.graphdef, f32.state)
+  bf16 = lambda a: np.asarray(a, np.float32).astype(ml_dtypes.bfloat16)
+  for (p, m), (_, w) in zip(
+      ((p, m) for p, m in narrow.iter_modules() if isinstance(m, layers.Dense)),
+      ((p, m) for p, m in wide.iter_modules() if isinstance(m, layers.Dense))):
+    assert m.kernel[...].dtype == jnp.bfloat16 and m.matmul_dtype == jnp.bfloat16, p
+    np.testing.assert_array_equal(np.asarray(m.kernel[...]), bf16(w.kernel[...]))
+  assert narrow.lm_head[...].dtype == jnp.bfloat16
+  head = wide.embed_tokens[...] if tied else wide.lm_head[...]
+  np.testing.assert_array_equal(np.asarray(narrow.lm_head[...]), bf16(head))
+  assert narrow.embed_tokens[...].dtype == jnp.float32
+  for _, m in dec.iter_modules():
+    if isinstance(m, layers.Dense):
+      assert m.kernel[...].dtype == jnp.float32 and m.matmul_dtype is None
+  assert dec.head_matmul_dtype is None and (dec.lm_head is None) == tied
+
+  # One projection against float64 numpy on the rounded operands ([out, in] kernel).
+  x = np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32)
+  q = narrow.layers[0].attn.q
+  want = (bf16(x).astype(np.float64) @ np.asarray(q.kernel[...], np.float64).T)
+  got = np.asarray(q(jnp.asarray(x)))
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert np.abs(got - x @ np.asarray(wide.layers[0].attn.q.kernel[...]).T).max() > 0
+
+  batch = _left_pad(PROMPTS)
+  placed, _ = gen._prepare(view, batch, mesh)
+  with gen._on(mesh):
+    text = gen._generate_jit.lower(
+        view.graphdef, view.state, placed, jax.random.key(0), jnp.asarray((-1,), jnp.int32),
+        jnp.int32(0), jnp.float32(1e-6), jnp.float32(1.0), max_new_tokens=4, greedy=True,
+        nucleus=False, mesh=mesh).as_text()
+  dots = re.findall(r"stablehlo\.dot_general.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> "
+                    r"(tensor<[^>]*>)", text)
+  narrow_dots = [d for d in dots if d[0].endswith("xbf16>") and d[1].endswith("xbf16>")
+                 and d[2].endswith("xf32>")]
+  # 7 projections per layer and the head, in the prefill and in the decode step.
+  assert len(narrow_dots) >= 2 * (2 * 7 + 1), dots
+  assert not any(d[0].endswith("xf32>") and d[1].endswith("xbf16>") for d in dots)
+
+  cands = np.array([[1, 2], [3, 4], [5, 6]], np.int32)
+  a = gen.score_candidates(view, batch, cands, np.ones_like(cands)).log_likelihood
+  b = gen.score_candidates(f32, batch, cands, np.ones_like(cands)).log_likelihood
+  assert 0 < np.abs(a - b).max() < 0.05 * max(1.0, np.abs(b).max())
+  tokens, lengths = gen.generate(view, batch, gen.SamplingConfig(max_new_tokens=4))
+  assert tokens.shape == (len(PROMPTS), 4) and (lengths == 4).all()
+
+
 def test_decode_loop_updates_cache_in_place(devices):
   """The compiled decode loop must not copy or transpose whole cache buffers per token (the
   [B,S,Hkv,Dh] layout made XLA transpose every layer's cache before each attention dot)."""

@@ -77,6 +77,18 @@ def test_unknown_suite_is_named_with_the_flag(tmp_path):
   assert not preflight.check_suites(c, ()) and not preflight.evaluates(c)
 
 
+def test_eval_matmul_dtype_is_checked_before_the_model_loads(tmp_path):
+  c = _config(tmp_path)
+  assert not preflight.check_eval_settings(c)          # the shipped "float32"
+  c.eval.matmul_dtype = "bfloat16"
+  assert not preflight.check_eval_settings(c)
+  c.eval.matmul_dtype = "float16"
+  msg = _problems(preflight.run, c)
+  assert "eval.matmul_dtype='float16'" in msg and "--config.eval.matmul_dtype" in msg
+  with pytest.raises(preflight.PreflightError, match="--config.eval.matmul_dtype"):
+    feabench.evaluate(c, str(tmp_path / "no_run"))     # refused before any restore
+
+
 def test_every_shipped_config_names_known_suites():
   for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
     spec = importlib.util.spec_from_file_location("cfg_" + os.path.basename(path)[:-3], path)

@@ -235,7 +235,8 @@ def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.Sam
     yield from batches
 
   faces = FaceTokens(pipeline.reuse_window(config))
-  model = gen.eval_view(model)     # split once, LoRA folded: every batch below reuses it
+  # Split once, LoRA folded (and narrowed when eval.matmul_dtype asks): every batch reuses it.
+  model = gen.eval_view(model, matmul_dtype=str(e.get("matmul_dtype", "float32")))
 
   distributed.barrier(f"eval {suite.name}")   # before the first collective of the suite
   for batch, metas in _progress(chain(), f"{suite.name} ({mode})",
@@ -446,6 +447,9 @@ def eval_settings(config, suites: Sequence[Suite], mode: str,
                              top_p=float(e.get("top_p", 1.0)))
   if scores:
     out["score_reduction"] = str(e.get("score_reduction", "sum"))
+  matmul = str(e.get("matmul_dtype", "float32"))
+  if matmul != "float32":     # only then: float32 evaluations keep the keys they always had
+    out["matmul_dtype"] = matmul
   out.update(extra or {})
   return out
 
@@ -590,6 +594,7 @@ def evaluate(config, workdir: str, checkpoint: int | str | None = None,
   compile_cache.enable_once(config)
   problems = preflight.check_suites(config, suites, flag="--suites" if suites is not None
                                     else "--config.eval.suites")
+  problems += preflight.check_eval_settings(config)
   if problems:
     raise preflight.PreflightError(problems)
   mode, chosen = plan(config, suites, mode, tasks)     # bad names fail before the restore

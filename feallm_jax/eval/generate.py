@@ -86,8 +86,11 @@ class EvalView:
   merged_lora: int
 
 
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
 def eval_view(model: "nnx.Module | EvalView", *, merge_lora: bool = True,
-              kernels_out_in: bool | None = None) -> EvalView:
+              kernels_out_in: bool | None = None, matmul_dtype: str | None = None) -> EvalView:
   """The :class:`EvalView` of ``model`` (a view passes through). ``merge_lora`` folds every
   float32 adapter into its kernel in a copy (``lora.merge``; the caller's model is unchanged):
   one matmul per projection instead of three; bf16 kernels keep their adapters (folding would
@@ -95,7 +98,17 @@ def eval_view(model: "nnx.Module | EvalView", *, merge_lora: bool = True,
   ``kernels_out_in`` stores the decoder's kernels and LM head ``[out, in]`` in that copy, the
   layout a decode step's few-row GEMMs stream fastest on XLA:CPU (``layers.dot_out_in``); it
   costs a second copy of every decoder weight, so by default (None) only for a model whose
-  parameters live on CPU, where it was measured."""
+  parameters live on CPU, where it was measured.
+
+  ``matmul_dtype="bfloat16"`` (``config.eval.matmul_dtype``) stores the decoder's projection
+  kernels and LM head in bfloat16 in that copy and multiplies bfloat16 inputs into float32
+  accumulators: half the bytes a decode step streams. Not bit-identical to float32 (each input
+  rounded to 8 mantissa bits): ``bench/generate.py --matmul_dtype=bfloat16`` measures the token
+  agreement and the speed. None / "float32" changes nothing. The vision tower, projector and
+  attention stay as they are."""
+  if matmul_dtype not in (None,) + MATMUL_DTYPES:
+    raise ValueError(f"eval_view: matmul_dtype={matmul_dtype!r} (config.eval.matmul_dtype); "
+                     f"expected one of {MATMUL_DTYPES}")
   if isinstance(model, EvalView):
     return model
   mesh = _mesh_of(model)
@@ -106,7 +119,10 @@ def eval_view(model: "nnx.Module | EvalView", *, merge_lora: bool = True,
   merged = lora_lib.merge(copy, dtype=jnp.float32) if merge_lora else 0
   if kernels_out_in:
     _store_kernels_out_in(decoder_of(copy))
-  if merged or kernels_out_in:
+  narrow = matmul_dtype not in (None, "float32")
+  if narrow:
+    _store_matmuls_in(decoder_of(copy), jnp.dtype(matmul_dtype))
+  if merged or kernels_out_in or narrow:
     graphdef, state = nnx.split(copy)
   return EvalView(graphdef, state, mesh, is_vision_model(model), merged)
 
@@ -164,6 +180,24 @@ def _embed_prompt(model, inputs: Mapping[str, jax.Array]):
   dec = model
   mask = inputs["attention_mask"].astype(jnp.int32)
   return dec.embed(inputs["input_ids"]), mask, left_pad_positions(mask)
+
+
+def _store_matmuls_in(dec: nnx.Module, dtype) -> None:
+  """Casts every Dense kernel of the decoder and the LM head to ``dtype`` in
+  place and makes their matmuls take ``dtype`` inputs. A tied head gets its own cast copy (the
+  embedding lookup keeps the float32 table). Only for a copy (``eval_view``)."""
+  def cast(var):
+    return var.copy(var[...].astype(dtype))
+
+  for _, m in dec.iter_modules():
+    if isinstance(m, layers.Dense):
+      m.kernel = cast(m.kernel)
+      m.matmul_dtype = dtype
+  if getattr(dec, "lm_head", None) is not None:
+    dec.lm_head = cast(dec.lm_head)
+  elif dec.kernels_out_in:        # [vocab, hidden], the tied table's own layout
+    dec.lm_head = nnx.data(cast(dec.embed_tokens))   # was a static None
+  dec.head_matmul_dtype = dtype
 
 
 def _constrain(x: jax.Array, mesh: Mesh | None) -> jax.Array:

@@ -60,9 +60,12 @@ class Dense(nnx.Module):
   """``y = x @ W (+ b) (+ LoRA(x))`` with a 2-D ``[in, out]`` kernel and logical axes.
 
   An evaluation view (``generate.eval_view``) may hold the kernel transposed, ``[out, in]``,
-  with ``kernel_out_in`` set (see :func:`dot_out_in`); training modules never do."""
+  with ``kernel_out_in`` set (see :func:`dot_out_in`), and may multiply in ``matmul_dtype``
+  (inputs and kernel in that dtype, the product accumulated in ``dtype``); training modules never
+  do."""
 
   kernel_out_in = False
+  matmul_dtype = None
 
   def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
                use_bias: bool = False, param_type: type[nnx.Variable] = nnx.Param,
@@ -80,8 +83,13 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    w = self.kernel[...].astype(self.dtype)
-    y = dot_out_in(x, w) if self.kernel_out_in else jnp.dot(x, w)
+    if self.matmul_dtype is not None:
+      xm, w = x.astype(self.matmul_dtype), self.kernel[...].astype(self.matmul_dtype)
+      y = (dot_out_in(xm, w, preferred_element_type=self.dtype) if self.kernel_out_in else
+           jnp.dot(xm, w, preferred_element_type=self.dtype))
+    else:
+      w = self.kernel[...].astype(self.dtype)
+      y = dot_out_in(x, w) if self.kernel_out_in else jnp.dot(x, w)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora is not None:

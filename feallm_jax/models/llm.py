@@ -292,8 +292,9 @@ class Decoder(nnx.Module):
   """LLaMA / Qwen2 decoder; see ``docs/interfaces.md`` for the call contract."""
 
   # Set on an evaluation view (``generate.eval_view``): every Dense kernel and the LM head are
-  # stored [out, in] there (``layers.dot_out_in``).
+  # stored [out, in] there (``layers.dot_out_in``); the head may multiply in a narrower dtype.
   kernels_out_in = False
+  head_matmul_dtype = None
 
   def __init__(self, cfg: LLMConfig, *, lora: lora_lib.LoRAConfig | None = None,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, remat: bool = False,
@@ -334,13 +335,15 @@ class Decoder(nnx.Module):
     """Final-norm hidden states -> float32 logits (accumulated in float32 for any dtype)."""
     if self.kernels_out_in:     # an evaluation view: the head is [vocab, hidden] (tied or not)
       w = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...]
-      return layers.dot_out_in(hidden.astype(self.dtype), w.astype(self.dtype),
+      dt = self.head_matmul_dtype or self.dtype
+      return layers.dot_out_in(hidden.astype(dt), w.astype(dt),
                                preferred_element_type=jnp.float32)
+    dt = self.head_matmul_dtype or self.dtype
     if self.lm_head is None:
-      w = self.embed_tokens[...].astype(self.dtype).T
+      w = self.embed_tokens[...].astype(dt).T
     else:
-      w = self.lm_head[...].astype(self.dtype)
-    return jnp.dot(hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
+      w = self.lm_head[...].astype(dt)
+    return jnp.dot(hidden.astype(dt), w, preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                positions: jax.Array | None = None, attention_mask: jax.Array | None = None,

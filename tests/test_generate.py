@@ -445,6 +445,10 @@ def test_eval_view_bfloat16_matmuls_round_their_inputs_and_accumulate_in_float32
     gen.eval_view(dec, matmul_dtype="float16")
   view = gen.eval_view(dec, matmul_dtype="bfloat16")
   f32 = gen.eval_view(dec)
+  assert (view.matmul_dtype, f32.matmul_dtype) == ("bfloat16", "float32")
+  assert gen.eval_view(view, matmul_dtype="bfloat16") is view and gen.eval_view(view) is view
+  with pytest.raises(ValueError, match="a view with float32 matmuls cannot become bfloat16"):
+    gen.eval_view(f32, matmul_dtype="bfloat16")      # silently float32 would be a wrong answer
   narrow = nnx.merge(view.graphdef, view.state)
   wide = nnx.merge(f32.graphdef, f32.state)
   bf16 = lambda a: np.asarray(a, np.float32).astype(ml_dtypes.bfloat16)

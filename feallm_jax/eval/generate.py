@@ -84,6 +84,7 @@ class EvalView:
   mesh: Mesh | None
   vision: bool
   merged_lora: int
+  matmul_dtype: str = "float32"
 
 
 MATMUL_DTYPES = ("float32", "bfloat16")
@@ -110,6 +111,9 @@ def eval_view(model: "nnx.Module | EvalView", *, merge_lora: bool = True,
     raise ValueError(f"eval_view: matmul_dtype={matmul_dtype!r} (config.eval.matmul_dtype); "
                      f"expected one of {MATMUL_DTYPES}")
   if isinstance(model, EvalView):
+    if matmul_dtype is not None and matmul_dtype != model.matmul_dtype:
+      raise ValueError(f"eval_view: a view with {model.matmul_dtype} matmuls cannot become "
+                       f"{matmul_dtype} (config.eval.matmul_dtype); make it from the model")
     return model
   mesh = _mesh_of(model)
   if kernels_out_in is None:
@@ -124,7 +128,8 @@ def eval_view(model: "nnx.Module | EvalView", *, merge_lora: bool = True,
     _store_matmuls_in(decoder_of(copy), jnp.dtype(matmul_dtype))
   if merged or kernels_out_in or narrow:
     graphdef, state = nnx.split(copy)
-  return EvalView(graphdef, state, mesh, is_vision_model(model), merged)
+  return EvalView(graphdef, state, mesh, is_vision_model(model), merged,
+                  matmul_dtype if narrow else "float32")
 
 
 def _store_kernels_out_in(dec: nnx.Module) -> None:

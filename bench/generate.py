@@ -54,7 +54,7 @@ flags.DEFINE_integer("tensor", 0, "Ours: split the cores into this many XLA CPU 
                      "one all-reduce after attention and one after the MLP per layer). 0 = the "
                      "most, up to the cores this process may run on, that the model's dims "
                      "split into. On CPU the attention's batched dots run one thread per "
-                     "device, so the split is how they use every core (measured: 1.07-1.25x "
+                     "device, so the split is how they use every core (measured: 1.07-1.27x "
                      "per step at bench_small dims on 2 cores).")
 flags.DEFINE_enum("matmul_dtype", "float32", ["float32", "bfloat16"],
                   "Ours: the evaluation view's decoder matmuls (config.eval.matmul_dtype); with "

@@ -208,7 +208,7 @@ def check_run_numbers(config) -> list[Problem]:
 def check_eval_settings(config) -> list[Problem]:
   """Evaluation settings that would otherwise fail only when the first batch is answered."""
   from feallm_jax.eval import generate as gen
-  matmul = str(config.eval.get("matmul_dtype", "float32"))
+  matmul = gen.config_matmul_dtype(config)
   if matmul not in gen.MATMUL_DTYPES:
     return [Problem("eval", f"eval.matmul_dtype={matmul!r} is not one of {gen.MATMUL_DTYPES}",
                     "--config.eval.matmul_dtype=float32 (or bfloat16)")]

@@ -67,14 +67,14 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
     if len(devices) % known:
       raise ValueError(f"mesh: {len(devices)} devices do not divide into {dict(zip(MESH_AXES, sizes))}")
     sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
+  need = math.prod(sizes)
+  if need != len(devices):
     hint = ""
     if devices and all(d.platform == "cpu" for d in devices):
-      hint = (f"; on CPU, split the host into {math.prod(sizes)} devices before JAX starts: "
-              f"JAX_NUM_CPU_DEVICES={math.prod(sizes)} (or "
-              f"jax.config.update('jax_num_cpu_devices', {math.prod(sizes)}))")
+      hint = (f"; on CPU, split the host into {need} devices before JAX starts: "
+              f"JAX_NUM_CPU_DEVICES={need} (or jax.config.update('jax_num_cpu_devices', {need}))")
     raise ValueError(
-        f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+        f"mesh: {dict(zip(MESH_AXES, sizes))} needs {need} devices, "
         f"but {len(devices)} are available (set --config.mesh.*){hint}")
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)

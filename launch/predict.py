@@ -135,7 +135,7 @@ def main(argv):
   sampling = gen.SamplingConfig(
       max_new_tokens=FLAGS.max_new_tokens or int(config.eval.get("max_new_tokens", 48)),
       eos_ids=feabench.eos_ids(tok), pad_id=int(tok.pad_token_id))
-  view = gen.eval_view(model, matmul_dtype=str(config.eval.get("matmul_dtype", "float32")))
+  view = gen.eval_view(model, matmul_dtype=gen.config_matmul_dtype(config))
   tokens, lengths = gen.generate(view, batch, sampling)
   answer = gen.decode_tokens(tok, tokens, lengths, sampling.eos_ids)[0]
   print(answer)

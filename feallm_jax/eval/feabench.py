@@ -236,7 +236,7 @@ def predict_suite(model, config, suite: Suite, mode: str, tok, sampling: gen.Sam
 
   faces = FaceTokens(pipeline.reuse_window(config))
   # Split once, LoRA folded (and narrowed when eval.matmul_dtype asks): every batch reuses it.
-  model = gen.eval_view(model, matmul_dtype=str(e.get("matmul_dtype", "float32")))
+  model = gen.eval_view(model, matmul_dtype=gen.config_matmul_dtype(config))
 
   distributed.barrier(f"eval {suite.name}")   # before the first collective of the suite
   for batch, metas in _progress(chain(), f"{suite.name} ({mode})",
@@ -447,7 +447,7 @@ def eval_settings(config, suites: Sequence[Suite], mode: str,
                              top_p=float(e.get("top_p", 1.0)))
   if scores:
     out["score_reduction"] = str(e.get("score_reduction", "sum"))
-  matmul = str(e.get("matmul_dtype", "float32"))
+  matmul = gen.config_matmul_dtype(config)
   if matmul != "float32":     # only then: float32 evaluations keep the keys they always had
     out["matmul_dtype"] = matmul
   out.update(extra or {})

@@ -90,6 +90,11 @@ class EvalView:
 MATMUL_DTYPES = ("float32", "bfloat16")
 
 
+def config_matmul_dtype(config) -> str:
+  """``config.eval.matmul_dtype`` (float32 when unset): the evaluation view's decoder matmuls."""
+  return str(config.eval.get("matmul_dtype", "float32"))
+
+
 def eval_view(model: "nnx.Module | EvalView", *, merge_lora: bool = True,
               kernels_out_in: bool | None = None, matmul_dtype: str | None = None) -> EvalView:
   """The :class:`EvalView` of ``model`` (a view passes through). ``merge_lora`` folds every

@@ -333,12 +333,11 @@ class Decoder(nnx.Module):
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final-norm hidden states -> float32 logits (accumulated in float32 for any dtype)."""
+    dt = self.dtype if self.head_matmul_dtype is None else self.head_matmul_dtype
     if self.kernels_out_in:     # an evaluation view: the head is [vocab, hidden] (tied or not)
       w = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...]
-      dt = self.head_matmul_dtype or self.dtype
       return layers.dot_out_in(hidden.astype(dt), w.astype(dt),
                                preferred_element_type=jnp.float32)
-    dt = self.head_matmul_dtype or self.dtype
     if self.lm_head is None:
       w = self.embed_tokens[...].astype(dt).T
     else:
